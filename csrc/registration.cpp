@@ -1,0 +1,25 @@
+// Registers the `twotower` torch op library.  Every op of the extension is declared here (its
+// schema); the implementations live in their own translation units, one per backend, and the
+// fake (meta) implementations used for tracing in vllm_twotower/ops/{commit,moe}.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "version.h"
+
+TORCH_LIBRARY(twotower, m) {
+  m.def("version() -> int", &twotower::version);
+  // vllm_twotower.commit.commit_step: one denoising step of the commit rule over [B, S] canvases.
+  // Returns (canvas, num_committed, confidence).
+  m.def(
+      "commit_step(Tensor logits, Tensor canvas, int mask_id, Tensor threshold, Tensor step, "
+      "Tensor steps_per_block, Tensor temperature, Tensor seed, Tensor block_start) "
+      "-> (Tensor, Tensor, Tensor)");
+  // vllm_twotower.reference.moe.moe_forward: the whole MoE layer on [N, H] tokens.
+  m.def(
+      "moe_forward(Tensor hidden, Tensor gate_weight, Tensor correction_bias, Tensor up_weights, "
+      "Tensor down_weights, Tensor? shared_up, Tensor? shared_down, int top_k, "
+      "float routed_scaling_factor, bool norm_topk_prob, ScalarType router_dtype) -> Tensor");
+}
+
+// Importing `vllm_twotower._C` is what loads the library; the module itself exports nothing.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
