@@ -1,0 +1,216 @@
+"""The TwoTower commit rule ("re-masking"): the one home of how a denoising step decides tokens.
+
+Every path that denoises a block calls :func:`commit_step` — the reference implementation and
+the vLLM model runner; it runs the compiled kernel where one is built and :func:`commit_step_torch`
+(the readable definition, and the kernels' fallback and test oracle) otherwise.  The rule is the one of
+``shared/spec/twotower-model.md`` §4:
+
+* the mask id is never predicted (its logit is suppressed before the softmax);
+* the prediction is the argmax (greedy) or a Gumbel-max draw from ``logits / temperature``, and
+  its confidence is always the *untempered* softmax probability of the predicted token;
+* already-decided positions keep their token (confidence ``+inf``);
+* of the ``n`` masked positions, ``k`` are decided, where
+  ``k = n`` on the last step, else ``k = min(n, max(#(conf > γ), 1, ceil(n / (T - step))))``;
+* the ``k`` decided positions are those of highest confidence, ties going to the lower position.
+
+Canvases are batched as ``[B, S]`` rows.  A position that holds no mask id is "decided", which
+is also how a request with a smaller block size pads its row: padding never takes part.
+
+Sampling noise comes from a counter-based hash of ``(seed, absolute token position, denoising
+step, vocabulary id)`` rather than a stateful generator, so that the reference, the engine (whose
+batch composition changes every step) and the kernels draw exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_twotower.ops.commit import commit_kernel_supports, commit_step_kernel
+
+_M32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """``lowbias32`` integer hash of uint32 values held in an int64 tensor (wrapping multiply)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def fold_seed(seed: int) -> int:
+    """Fold a Python (up to 64-bit) seed into the 32 bits the noise hash takes."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 32)) & _M32
+
+
+def noise_row_keys(seed: torch.Tensor, position: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per-row base key of the noise hash; every argument is int64 and broadcastable."""
+    key = mix32(seed & _M32)
+    key = mix32(key ^ (position & _M32))
+    return mix32(key ^ (step & _M32))
+
+
+def gumbel_noise(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise ``[..., vocab]`` (float64) for rows keyed by :func:`noise_row_keys`."""
+    vocab_ids = torch.arange(vocab_size, dtype=torch.int64, device=row_keys.device)
+    bits = mix32((row_keys.unsqueeze(-1) + vocab_ids * _GOLDEN32) & _M32)
+    uniform = (bits.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclass
+class CommitResult:
+    """Outcome of one denoising step over a batch of canvases."""
+
+    canvas: torch.Tensor  # [B, S] int64: the canvases with this step's decisions written in
+    num_committed: torch.Tensor  # [B] int64: positions decided in this step
+    confidence: torch.Tensor  # [B, S] float32: prediction confidence (+inf where decided before)
+
+
+def predict(
+    logits: torch.Tensor,
+    *,
+    mask_id: int | None,
+    temperature: torch.Tensor,
+    row_keys: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token prediction and its untempered confidence for each logit row.
+
+    Args:
+        logits: ``[..., V]`` logits (any float dtype; computed in float32).
+        mask_id: a token id that must never be predicted, or ``None`` (AR and mock-AR).
+        temperature: ``[...]`` per-row temperature; rows with ``0`` take the argmax.
+        row_keys: ``[...]`` noise keys (:func:`noise_row_keys`); required when any row samples.
+
+    Returns:
+        ``(token ids [...] int64, confidence [...] float32)``.
+    """
+    logits = logits.float()
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    sampling = temperature > 0
+    if bool(sampling.any()):
+        if row_keys is None:
+            raise ValueError("row_keys are required when a row samples (temperature > 0)")
+        temp = torch.where(sampling, temperature, torch.ones_like(temperature)).double()
+        perturbed = logits.double() / temp.unsqueeze(-1) + gumbel_noise(row_keys, logits.shape[-1])
+        tokens = torch.where(sampling, perturbed.argmax(dim=-1), tokens)
+    log_z = torch.logsumexp(logits, dim=-1)
+    confidence = torch.exp(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_z)
+    return tokens, confidence
+
+
+def num_to_commit(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    threshold: torch.Tensor,
+    step: torch.Tensor,
+    steps_per_block: torch.Tensor,
+) -> torch.Tensor:
+    """How many masked positions each row decides in this step (``k`` of the module docstring).
+
+    Args:
+        confidence: ``[B, S]`` float confidences of the predictions.
+        masked: ``[B, S]`` bool, positions still holding the mask id.
+        threshold: ``[B]`` γ per row; step, steps_per_block: ``[B]`` int64.
+    """
+    n = masked.sum(dim=-1)
+    confident = ((confidence > threshold.unsqueeze(-1).to(confidence.dtype)) & masked).sum(dim=-1)
+    remaining_steps = (steps_per_block - step).clamp(min=1)
+    floor = torch.div(n + remaining_steps - 1, remaining_steps, rounding_mode="floor")
+    k = torch.maximum(torch.maximum(confident, torch.ones_like(n)), floor)
+    k = torch.where(step >= steps_per_block - 1, n, k)
+    return torch.minimum(k, n)
+
+
+def select_commits(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: the ``k`` masked positions of highest confidence, ties to lower positions."""
+    ranked = torch.where(masked, confidence.float(), torch.full_like(confidence.float(), -1.0))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return masked & (rank < k.unsqueeze(-1))
+
+
+def commit_step(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    *,
+    mask_id: int,
+    threshold: torch.Tensor,
+    step: torch.Tensor,
+    steps_per_block: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    block_start: torch.Tensor,
+    use_kernel: bool = True,
+) -> CommitResult:
+    """One denoising step of the commit rule over ``B`` canvases of ``S`` positions.
+
+    Runs the compiled kernel ``torch.ops.twotower.commit_step`` (one fused pass over each logit
+    row, see ``docs/kernels.md``) when it is built and supports the inputs, else
+    :func:`commit_step_torch`, which defines the rule.  ``use_kernel=False`` or the environment
+    variable ``TWOTOWER_DISABLE_KERNELS=1`` forces the torch path.  Arguments are those of
+    :func:`commit_step_torch`.
+    """
+    rule_args = {
+        "mask_id": mask_id,
+        "threshold": threshold,
+        "step": step,
+        "steps_per_block": steps_per_block,
+        "temperature": temperature,
+        "seed": seed,
+        "block_start": block_start,
+    }
+    if use_kernel and commit_kernel_supports(logits, canvas, mask_id):
+        return CommitResult(*commit_step_kernel(logits, canvas, **rule_args))
+    return commit_step_torch(logits, canvas, **rule_args)
+
+
+def commit_step_torch(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    *,
+    mask_id: int,
+    threshold: torch.Tensor,
+    step: torch.Tensor,
+    steps_per_block: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    block_start: torch.Tensor,
+) -> CommitResult:
+    """One denoising step of the commit rule in plain torch: the definition and the fallback.
+
+    Args:
+        logits: ``[B, S, V]`` denoiser logits (logit at position ``i`` predicts position ``i``).
+        canvas: ``[B, S]`` int64 canvases; ``mask_id`` marks undecided positions.
+        threshold: ``[B]`` float confidence threshold γ.
+        step: ``[B]`` int64 index of this step within the block (0-based).
+        steps_per_block: ``[B]`` int64 step budget ``T`` of each row's block.
+        temperature: ``[B]`` float sampling temperature (0 = greedy).
+        seed: ``[B]`` int64 folded seeds (:func:`fold_seed`), used only where temperature > 0.
+        block_start: ``[B]`` int64 absolute token position of each canvas' first position.
+    """
+    masked = canvas == mask_id
+    positions = block_start.unsqueeze(-1) + torch.arange(canvas.shape[-1], device=canvas.device)
+    row_keys = noise_row_keys(seed.unsqueeze(-1), positions, step.unsqueeze(-1))
+    temps = temperature.unsqueeze(-1).expand_as(canvas)
+    tokens, confidence = predict(logits, mask_id=mask_id, temperature=temps, row_keys=row_keys)
+    confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
+    k = num_to_commit(
+        confidence, masked, threshold=threshold, step=step, steps_per_block=steps_per_block
+    )
+    commits = select_commits(confidence, masked, k)
+    return CommitResult(
+        canvas=torch.where(commits, tokens, canvas),
+        num_committed=commits.sum(dim=-1),
+        confidence=confidence,
+    )

@@ -1,0 +1,71 @@
+"""Nemotron-H attention: GQA with no positional encoding, over a cache of past keys/values.
+
+One function serves both towers.  The context tower attends causally over its cached past
+plus the new tokens (and keeps the extended cache); the denoiser's *joint* attention attends,
+without any mask, over the context tower's cache of the same layer plus the whole block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``q [T, nq, d]`` over ``k, v [P+T, nkv, d]`` (softmax in float32 or wider).
+
+    The last ``T`` keys belong to the queries' own tokens; the first ``P`` are the past.  With
+    ``causal`` a query at block offset ``i`` sees the past and offsets ``<= i``; without it, all.
+    Query heads are grouped onto key/value heads (GQA).
+    """
+    length, num_q_heads, _ = q.shape
+    total = k.shape[0]
+    group = num_q_heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("thd,shd->hts", q.to(compute), k.to(compute)) * scale
+    if causal:
+        past = total - length
+        allowed = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hts,shd->thd", probs, v.to(compute)).to(q.dtype)
+
+
+class Attention(nn.Module):
+    """Checkpoint-shaped attention mixer (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def empty_cache(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of an empty context, ``[0, nkv, d]`` each."""
+        shape = (0, self.num_kv_heads, self.head_dim)
+        dtype = self.k_proj.weight.dtype
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(
+            shape, dtype=dtype, device=device
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        *,
+        causal: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend ``hidden [T, H]`` over past + own keys; return ``(out, all_k, all_v)``."""
+        length = hidden.shape[0]
+        q = self.q_proj(hidden).view(length, self.num_heads, self.head_dim)
+        k = torch.cat([past_k, self.k_proj(hidden).view(length, self.num_kv_heads, -1)])
+        v = torch.cat([past_v, self.v_proj(hidden).view(length, self.num_kv_heads, -1)])
+        out = attend(q, k, v, causal=causal, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(length, -1)), k, v

@@ -1,0 +1,202 @@
+"""Reference generation in the three TwoTower modes (``shared/spec/twotower-model.md`` §4).
+
+Requests are generated one after another with cached context state (KV and Mamba states are
+extended, never recomputed).  This is the oracle the vLLM engine is held to token for token, so
+it favours clarity: one function per mode, the commit rule from :mod:`vllm_twotower.commit`.
+
+Conventions shared with the engine:
+
+* sampling noise is keyed by ``(seed, absolute token position, denoising step)``; AR and
+  mock-AR draw at step 0;
+* a diffusion block is always denoised in full (``block_size`` positions) and the output is then
+  cut after the first EOS and at ``max_new_tokens``; AR and mock-AR stop right after EOS;
+* the mask id is suppressed only in mask diffusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_twotower.commit import commit_step, fold_seed, noise_row_keys, predict
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, TwoTowerParams
+from vllm_twotower.reference.blocks import ContextState
+from vllm_twotower.reference.model import TwoTowerModel
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """The engine-independent part of a request's sampling parameters."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    seed: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationResult:
+    """One request's output and how it was produced."""
+
+    output_ids: list[int]
+    nfe: int = 0  # denoiser forward passes
+    tokens_per_step: list[int] = field(default_factory=list)  # tokens decided by each model step
+    finish_reason: str = "length"  # "stop" (EOS) or "length"
+
+
+def _as_list(value: object, n: int) -> list:
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != n:
+            raise ValueError(f"expected {n} per-request values, got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+@torch.inference_mode()
+def generate(
+    model: TwoTowerModel,
+    prompts: Sequence[Sequence[int]],
+    params: TwoTowerParams | Sequence[TwoTowerParams] | None = None,
+    sampling: SamplingSpec | Sequence[SamplingSpec] = SamplingSpec(),
+) -> list[GenerationResult]:
+    """Generate for each prompt with its own (or a shared) mode and sampling parameters."""
+    defaults = model.config.diffusion
+    default_params = TwoTowerParams(
+        block_size=defaults.block_size,
+        steps_per_block=defaults.steps_per_block,
+        confidence_threshold=defaults.confidence_threshold,
+    )
+    params_list = _as_list(params if params is not None else default_params, len(prompts))
+    sampling_list = _as_list(sampling, len(prompts))
+    runners = {AR: _generate_ar, MOCK_AR: _generate_mock_ar, MASK_DIFFUSION: _generate_diffusion}
+    results = []
+    for prompt, p, s in zip(prompts, params_list, sampling_list):
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        ids = torch.tensor(list(prompt), dtype=torch.long, device=model.device)
+        results.append(runners[p.mode](model, ids, p, s))
+    return results
+
+
+class _Stopper:
+    """Applies EOS and ``max_new_tokens`` to the growing output."""
+
+    def __init__(self, model: TwoTowerModel, sampling: SamplingSpec) -> None:
+        self.eos = None if sampling.ignore_eos else model.config.eos_token_id
+        self.max_new_tokens = sampling.max_new_tokens
+
+    def finish(self, result: GenerationResult) -> bool:
+        """Cut ``result.output_ids`` after EOS / at the length limit; True when done."""
+        ids = result.output_ids
+        if self.eos is not None and self.eos in ids:
+            del ids[ids.index(self.eos) + 1 :]
+            result.finish_reason = "stop"
+            return True
+        if len(ids) >= self.max_new_tokens:
+            del ids[self.max_new_tokens :]
+            result.finish_reason = "length"
+            return True
+        return False
+
+
+def _sample_next(logits: torch.Tensor, sampling: SamplingSpec, position: int) -> int:
+    """Next token from one logit row (no mask suppression: AR and mock-AR may emit it)."""
+    keys = noise_row_keys(
+        torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
+    )
+    token, _ = predict(
+        logits, mask_id=None, temperature=torch.tensor(sampling.temperature), row_keys=keys
+    )
+    return int(token)
+
+
+def _generate_ar(
+    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
+) -> GenerationResult:
+    """Plain decoding with the context tower and ``context_lm_head``."""
+    result, stopper = GenerationResult([]), _Stopper(model, sampling)
+    logits, state = model.extend_context(prompt, model.empty_context())
+    while True:
+        token = _sample_next(logits[-1], sampling, state.length)
+        result.output_ids.append(token)
+        result.tokens_per_step.append(1)
+        if stopper.finish(result):
+            return result
+        logits, state = model.extend_context(prompt.new_tensor([token]), state)
+
+
+def _generate_mock_ar(
+    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
+) -> GenerationResult:
+    """One token per step from the denoiser run on the last committed token.
+
+    The denoiser sees the context *before* that token (its KV and the Mamba state after the
+    token before it), with no time conditioning; the context tower then consumes the token.
+    """
+    result, stopper = GenerationResult([]), _Stopper(model, sampling)
+    _, before = model.extend_context(prompt[:-1], model.empty_context())
+    last = prompt[-1:]
+    while True:
+        logits = model.denoise(last, before, t=None)
+        result.nfe += 1
+        token = _sample_next(logits[-1], sampling, before.length + 1)
+        result.output_ids.append(token)
+        result.tokens_per_step.append(1)
+        if stopper.finish(result):
+            return result
+        _, before = model.extend_context(last, before)
+        last = last.new_tensor([token])
+
+
+def denoise_block(
+    model: TwoTowerModel,
+    context: ContextState,
+    params: TwoTowerParams,
+    sampling: SamplingSpec,
+) -> tuple[torch.Tensor, list[int]]:
+    """Fill one block of ``[MASK]`` after ``context``; return ``(block ids, tokens per pass)``."""
+    mask_id = model.config.diffusion.mask_token_id
+    size, steps = params.block_size, params.steps_per_block
+    canvas = torch.full((1, size), mask_id, dtype=torch.long, device=model.device)
+    per_pass = []
+
+    def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([value], dtype=dtype, device=model.device)
+
+    for step in range(steps):
+        masked = int((canvas == mask_id).sum())
+        if masked == 0:
+            break
+        logits = model.denoise(canvas[0], context, t=masked / size)
+        committed = commit_step(
+            logits[None],
+            canvas,
+            mask_id=mask_id,
+            threshold=per_row(params.confidence_threshold, torch.float32),
+            step=per_row(step, torch.long),
+            steps_per_block=per_row(steps, torch.long),
+            temperature=per_row(sampling.temperature, torch.float32),
+            seed=per_row(fold_seed(sampling.seed), torch.long),
+            block_start=per_row(context.length, torch.long),
+        )
+        canvas = committed.canvas
+        per_pass.append(int(committed.num_committed[0]))
+    return canvas[0], per_pass
+
+
+def _generate_diffusion(
+    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
+) -> GenerationResult:
+    """Block-wise mask diffusion: denoise a block, commit it to the context, repeat."""
+    result, stopper = GenerationResult([]), _Stopper(model, sampling)
+    _, context = model.extend_context(prompt, model.empty_context())
+    while True:
+        block, per_pass = denoise_block(model, context, params, sampling)
+        result.nfe += len(per_pass)
+        result.tokens_per_step.extend(per_pass)
+        result.output_ids.extend(block.tolist())
+        if stopper.finish(result):
+            return result
+        _, context = model.extend_context(block, context)

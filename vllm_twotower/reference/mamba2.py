@@ -1,0 +1,216 @@
+"""Mamba-2 (SSD) mixer of Nemotron-H, with explicit initial conv/SSM states.
+
+The denoiser tower seeds its Mamba layers from the context tower's states, and the context tower
+continues its own scan block by block, so every function here takes an initial state and returns
+the final one.  The chunked SSD scan (:func:`ssd_chunk_scan`) is what the model runs; the exact
+sequential recurrence (:func:`ssd_sequential`) is the definition it is tested against.
+
+Shapes are for one sequence: ``T`` tokens, ``nh`` heads of ``hd`` channels, state size ``N``.
+The scan runs in float32 whatever the model dtype (seeded states can exceed bf16's range).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_twotower.reference.dtypes import at_least_float32
+
+
+def segsum(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = sum(x[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above the diagonal."""
+    length = x.shape[-1]
+    x = x.unsqueeze(-1).expand(*x.shape, length)
+    below = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~below, 0)
+    sums = torch.cumsum(x, dim=-2)
+    on_or_below = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
+    return sums.masked_fill(~on_or_below, float("-inf"))
+
+
+def ssd_sequential(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    initial_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact recurrence ``h_t = exp(dt_t·a)·h_{t-1} + dt_t·x_t⊗B_t``, ``y_t = h_t·C_t``.
+
+    Args:
+        x: ``[T, nh, hd]``; dt: ``[T, nh]`` (after softplus); a: ``[nh]`` (negative);
+        b, c: ``[T, nh, N]`` (already broadcast from groups to heads);
+        initial_state: ``[nh, hd, N]``.
+
+    Returns:
+        ``(y [T, nh, hd], final_state [nh, hd, N])`` without the ``D`` skip term.
+    """
+    state = initial_state
+    ys = []
+    for t in range(x.shape[0]):
+        decay = torch.exp(dt[t] * a)[:, None, None]
+        state = decay * state + (dt[t][:, None, None] * x[t][:, :, None]) * b[t][:, None, :]
+        ys.append(torch.einsum("hpn,hn->hp", state, c[t]))
+    return torch.stack(ys) if ys else x.new_zeros(x.shape), state
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    initial_state: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same result as :func:`ssd_sequential`, computed chunk-parallel (Mamba-2's SSD form).
+
+    Within a chunk the output is a masked (decay-weighted) attention-like product; across chunks
+    only the states at chunk ends are carried, starting from ``initial_state``.  Padding to a
+    whole number of chunks uses ``dt = 0``, which neither decays nor feeds the state.
+    """
+    length = x.shape[0]
+    pad = (-length) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        b = F.pad(b, (0, 0, 0, 0, 0, pad))
+        c = F.pad(c, (0, 0, 0, 0, 0, pad))
+    n_chunks = x.shape[0] // chunk_size
+    x, dt, b, c = (t.reshape(n_chunks, chunk_size, *t.shape[1:]) for t in (x, dt, b, c))
+
+    a_dt = (dt * a).permute(0, 2, 1)  # [chunks, nh, L]
+    a_cumsum = torch.cumsum(a_dt, dim=-1)
+    x_dt = x * dt.unsqueeze(-1)  # [chunks, L, nh, hd]
+
+    # 1. outputs from inputs of the same chunk
+    decay = torch.exp(segsum(a_dt))  # [chunks, nh, L, L]
+    y_diag = torch.einsum("clhn,cshn,chls,cshp->clhp", c, b, decay, x_dt)
+
+    # 2. each chunk's contribution to the state at its end
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [chunks, nh, L]
+    chunk_states = torch.einsum("clhn,chl,clhp->chpn", b, decay_to_end, x_dt)
+
+    # 3. states at chunk boundaries, carried from the initial state
+    states = torch.cat([initial_state.unsqueeze(0), chunk_states], dim=0)
+    chunk_ends = F.pad(a_cumsum[..., -1].t(), (1, 0))  # [nh, chunks+1]
+    chunk_decay = torch.exp(segsum(chunk_ends))  # [nh, chunks+1, chunks+1]
+    states = torch.einsum("hzc,chpn->zhpn", chunk_decay, states)
+    prev_states, final_state = states[:-1], states[-1]
+
+    # 4. outputs from the state entering each chunk
+    y_off = torch.einsum("clhn,chpn,chl->clhp", c, prev_states, torch.exp(a_cumsum))
+
+    y = (y_diag + y_off).reshape(n_chunks * chunk_size, *x.shape[2:])
+    return y[:length], final_state
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution continuing from ``conv_state``.
+
+    Args:
+        x: ``[T, D]`` inputs; weight: ``[D, 1, K]``; conv_state: ``[D, K-1]``, the previous
+            ``K-1`` inputs (oldest first; zeros for a fresh sequence).
+
+    Returns:
+        ``(outputs [T, D] before the activation, new conv state [D, K-1])``.
+    """
+    window = torch.cat([conv_state, x.t()], dim=-1)  # [D, K-1+T]
+    out = F.conv1d(window.unsqueeze(0), weight, bias, groups=weight.shape[0]).squeeze(0)
+    return out.t(), window[:, -(weight.shape[-1] - 1) :]
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y · silu(z))`` normalised per group of ``group_size`` channels."""
+
+    def __init__(self, size: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        compute = at_least_float32(dtype)
+        y = y.to(compute) * F.silu(z.to(compute))
+        grouped = y.reshape(*y.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.reshape(y.shape).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Nemotron-H's Mamba-2 mixer (checkpoint names ``in_proj``, ``conv1d``, ``dt_bias``, …)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        state_size: int,
+        n_groups: int,
+        conv_kernel: int,
+        chunk_size: int,
+        eps: float,
+        use_conv_bias: bool = True,
+        time_step_limit: tuple[float, float] = (0.0, float("inf")),
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.state_size = num_heads, head_dim, state_size
+        self.n_groups, self.chunk_size = n_groups, chunk_size
+        self.time_step_limit = time_step_limit
+        self.inner = num_heads * head_dim
+        self.conv_dim = self.inner + 2 * n_groups * state_size
+        self.in_proj = nn.Linear(hidden_size, self.inner + self.conv_dim + num_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.zeros(num_heads))
+        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.D = nn.Parameter(torch.ones(num_heads))
+        self.norm = GatedRMSNorm(self.inner, self.inner // n_groups, eps)
+        self.out_proj = nn.Linear(self.inner, hidden_size, bias=False)
+
+    def initial_state(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero ``(conv_state [conv_dim, K-1], ssm_state [nh, hd, N] in at least float32)``."""
+        dtype = self.in_proj.weight.dtype
+        kernel = self.conv1d.weight.shape[-1]
+        conv = torch.zeros(self.conv_dim, kernel - 1, dtype=dtype, device=device)
+        ssm = torch.zeros(
+            self.num_heads,
+            self.head_dim,
+            self.state_size,
+            dtype=at_least_float32(dtype),
+            device=device,
+        )
+        return conv, ssm
+
+    def forward(
+        self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run ``hidden [T, H]`` from the given states; return ``(out, conv_state, ssm_state)``."""
+        length = hidden.shape[0]
+        compute = at_least_float32(hidden.dtype)
+        z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], -1)
+        xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_state)
+        xbc = F.silu(xbc)
+        gn = self.n_groups * self.state_size
+        x, b, c = torch.split(xbc, [self.inner, gn, gn], dim=-1)
+        heads_per_group = self.num_heads // self.n_groups
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(length, self.n_groups, self.state_size).to(compute)
+            return t.repeat_interleave(heads_per_group, dim=1)
+
+        dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute)).clamp(*self.time_step_limit)
+        a = -torch.exp(self.A_log.to(compute))
+        x = x.reshape(length, self.num_heads, self.head_dim).to(compute)
+        y, ssm_state = ssd_chunk_scan(
+            x, dt, a, per_head(b), per_head(c), ssm_state.to(compute), self.chunk_size
+        )
+        y = y + self.D.to(compute)[:, None] * x
+        y = self.norm(y.reshape(length, self.inner).to(hidden.dtype), z)
+        return self.out_proj(y), conv_state, ssm_state
