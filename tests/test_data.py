@@ -1,0 +1,209 @@
+"""Synthetic task data and the tiny tokenizer (``vllm_twotower.data``): fast, CPU only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from vllm_twotower.data import (
+    BOS_ID,
+    EOS_ID,
+    FAMILIES,
+    FAMILY_NAMES,
+    KEYWORDS,
+    MASK_ID,
+    PAD_ID,
+    SPLITS,
+    Example,
+    accuracy_by_family,
+    build_tokenizer,
+    encode_example,
+    generate_split,
+    is_correct,
+    load_tokenizer,
+    read_jsonl,
+    save_tokenizer,
+    score,
+    split_of,
+    vocab_size,
+)
+from vllm_twotower.data.__main__ import main as cli_main
+from vllm_twotower.data.tokenizer import CHARSET, MAX_VOCAB, TOKENIZER_FILES
+
+N = 400
+MAX_PROMPT_TOKENS = 48  # including <bos>
+MAX_ANSWER_TOKENS = 24  # including <eos>
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[Example]]:
+    return {split: generate_split(split, N, seed=0) for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return build_tokenizer()
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_splits_are_disjoint_across_seeds(splits: dict[str, list[Example]]) -> None:
+    other_seed = {split: generate_split(split, N, seed=1) for split in SPLITS}
+    prompts = {split: {e.prompt for e in splits[split] + other_seed[split]} for split in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            assert not prompts[a] & prompts[b], (a, b)
+
+
+def test_examples_hash_into_their_split(splits: dict[str, list[Example]]) -> None:
+    for split, examples in splits.items():
+        assert all(split_of(e.prompt) == split for e in examples)
+
+
+def test_deterministic_for_a_seed(splits: dict[str, list[Example]]) -> None:
+    assert generate_split("test", N, seed=0) == splits["test"]
+    assert generate_split("test", N, seed=1) != splits["test"]
+    # A prefix of a longer request is the shorter request (streaming generation).
+    assert generate_split("train", 2 * N, seed=0)[:N] == splits["train"]
+
+
+def test_evaluation_splits_have_unique_prompts(splits: dict[str, list[Example]]) -> None:
+    for split in ("validation", "test"):
+        assert len({e.prompt for e in splits[split]}) == N
+
+
+def test_every_family_present_and_balanced(splits: dict[str, list[Example]]) -> None:
+    for examples in splits.values():
+        counts = {name: sum(e.family == name for e in examples) for name in FAMILY_NAMES}
+        assert max(counts.values()) - min(counts.values()) <= 1, counts
+
+
+def test_family_subset() -> None:
+    examples = generate_split("train", 20, seed=3, families=["add", "reverse"])
+    assert {e.family for e in examples} == {"add", "reverse"}
+
+
+def test_unknown_split_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_split("dev", 1, seed=0)
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@pytest.mark.parametrize(
+    ("family", "prompt", "answer"),
+    [
+        ("add", "347+58=", "405"),
+        ("sub", "347-58=", "289"),
+        ("copy", "copy(QWERTY)=", "QWERTY"),
+        ("reverse", "rev(QWERTY)=", "YTREWQ"),
+        ("sort", "sort(QWERTY)=", "EQRTWY"),
+        ("count", "count(B,ABBCEB)=", "3"),
+        ("recall", "K=QX;B=MRT;C=PZ;get(B)=", "MRT"),
+        ("code", "def f(x,y):return x-y+3;f(12,7)=", "8"),
+        ("code", "def f(x,y):return y-x-x;f(9,0)=", "-18"),
+    ],
+)
+def test_known_answers(family: str, prompt: str, answer: str) -> None:
+    assert score(family, prompt, answer)
+    assert not score(family, prompt, answer + "0")
+
+
+def test_answers_verify_and_wrong_answers_fail(splits: dict[str, list[Example]]) -> None:
+    for example in (e for examples in splits.values() for e in examples):
+        assert is_correct(example, example.answer)
+        assert score(example.family, example.prompt, example.answer)
+        assert is_correct(example, example.answer + "<eos>GARBAGE")
+        assert is_correct(example, example.answer + " \n")
+        assert not is_correct(example, example.answer[:-1])
+        assert not is_correct(example, example.answer + "1")
+        assert not score(example.family, example.prompt, "Z" + example.answer)
+
+
+def test_accuracy_by_family(splits: dict[str, list[Example]]) -> None:
+    examples = splits["test"][: 2 * len(FAMILIES)]
+    generations = [e.answer if i % 2 else "?" for i, e in enumerate(examples)]
+    accuracy = accuracy_by_family(examples, generations)
+    assert accuracy["all"] == pytest.approx(0.5)
+    assert set(accuracy) == {*FAMILY_NAMES, "all"}
+
+
+def test_malformed_prompt_rejected() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        score("add", "rev(ABC)=", "CBA")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_special_ids(tokenizer: Tokenizer) -> None:
+    expected = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID, "<mask>": MASK_ID}
+    assert expected == {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<mask>": 3}
+    for token, i in expected.items():
+        assert tokenizer.token_to_id(token) == i
+    assert vocab_size(tokenizer) <= MAX_VOCAB
+
+
+def test_digits_and_keywords_are_single_tokens(tokenizer: Tokenizer) -> None:
+    for text in (*"0123456789", *KEYWORDS):
+        assert len(tokenizer.encode(text, add_special_tokens=False).ids) == 1, text
+
+
+def test_examples_round_trip_within_length_bounds(
+    tokenizer: Tokenizer,
+    splits: dict[str, list[Example]],
+) -> None:
+    for example in (e for examples in splits.values() for e in examples):
+        ids, n_prompt = encode_example(tokenizer, example)
+        assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+        assert n_prompt <= MAX_PROMPT_TOKENS and len(ids) - n_prompt <= MAX_ANSWER_TOKENS
+        # Separate prompt/answer encoding equals encoding the full text at once.
+        assert tokenizer.encode(example.text).ids == ids[:-1]
+        assert tokenizer.decode(ids) == example.text
+        assert tokenizer.decode(ids[n_prompt:]) == example.answer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=CHARSET, max_size=80))
+def test_any_charset_text_round_trips(text: str) -> None:
+    tokenizer = build_tokenizer()
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == "<bos>" + text
+
+
+def test_saved_tokenizer_reloads(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    save_tokenizer(tmp_path, tokenizer)
+    assert all((tmp_path / name).is_file() for name in TOKENIZER_FILES)
+    assert load_tokenizer(tmp_path).to_str() == tokenizer.to_str()
+
+
+def test_auto_tokenizer_loads_saved_dir(tmp_path: Path, splits: dict[str, list[Example]]) -> None:
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(tmp_path)
+    for loader in (transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast):
+        hf = loader.from_pretrained(str(tmp_path))
+        special = (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, hf.mask_token_id)
+        assert special == (0, 1, 2, 3)
+        for example in splits["test"][:50]:
+            ids = hf(example.text)["input_ids"]
+            assert ids == encode_example(build_tokenizer(), example)[0][:-1]
+            assert hf.decode(ids, skip_special_tokens=True) == example.text
+        assert hf.decode(hf(" a , b  ")["input_ids"], skip_special_tokens=True) == " a , b  "
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_splits_and_tokenizer(tmp_path: Path) -> None:
+    cli_main(["--out", str(tmp_path), "--seed", "5", "--n-train", "40", "--n-val", "16"])
+    assert read_jsonl(tmp_path / "train.jsonl") == generate_split("train", 40, seed=5)
+    assert len(read_jsonl(tmp_path / "validation.jsonl")) == 16
+    assert all((tmp_path / "tokenizer" / name).is_file() for name in TOKENIZER_FILES)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["seed"] == 5 and meta["vocab_size"] == vocab_size()

@@ -1,0 +1,355 @@
+"""Seeded synthetic tasks with exactly checkable answers, for training a tiny TwoTower model.
+
+Why synthetic: the model we train here has a few million parameters per tower and < 1 hour of
+CPU, far too little for natural text, yet the serving stack still needs a checkpoint whose
+outputs can be *verified* (greedy AR vs. block diffusion, exact-match accuracy).  Every family
+below is a deterministic function of its prompt that a small hybrid Mamba/attention model can
+learn: copying, reversing, sorting, recall, counting and short arithmetic.  Multiplication and
+other operations needing long carries are deliberately left out.
+
+One generic mechanism serves all families: a :class:`Family` is a ``sample`` function (random
+prompt) plus a ``solve`` function that *parses the prompt text* and computes the answer.  The
+answer stored in an :class:`Example` is ``solve(prompt)``, so the checker :func:`score` needs
+only the prompt, and any generator/solver disagreement would show up as a parse failure.
+
+Formats are short and regular (prompt ≤ ~40 tokens, answer ≤ 13 tokens with the tokenizer of
+:mod:`vllm_twotower.data.tokenizer`); the model sees ``<bos> prompt answer <eos>``:
+
+=======  ====================================  ==========
+family   prompt                                answer
+=======  ====================================  ==========
+add      ``347+58=``                           ``405``
+sub      ``347-58=``                           ``289``
+copy     ``copy(QWERTY)=``                     ``QWERTY``
+reverse  ``rev(QWERTY)=``                      ``YTREWQ``
+sort     ``sort(QWERTY)=``                     ``EQRTWY``
+count    ``count(B,ABBCEB)=``                  ``3``
+recall   ``K=QX;B=MRT;C=PZ;get(B)=``           ``MRT``
+code     ``def f(x,y):return x-y+3;f(12,7)=``  ``8``
+=======  ====================================  ==========
+
+Payloads use only upper-case letters, digits and punctuation, while the fixed template words
+(``copy(``, ``def f(x,y):return `` …, see :data:`KEYWORDS`) each contain a lower-case letter or
+``)``, which payloads never do; the tokenizer turns each template word into one token, and this
+separation guarantees a template word can never match inside a payload.
+
+Splits are decided by a salted hash of the prompt text alone (independent of the seed), so no
+prompt can occur in two splits, whatever seeds the splits were generated with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import string
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from vllm_twotower.data.specials import EOS_TOKEN, PAD_TOKEN
+
+LETTERS = string.ascii_uppercase
+#: Small alphabet for ``count`` so that counts spread over 0..12 instead of being mostly 0/1.
+COUNT_ALPHABET = "ABCDE"
+MAX_DIGITS = 3
+SEQ_LEN = (3, 12)
+SORT_LEN = (3, 10)
+COUNT_LEN = (5, 12)
+RECALL_PAIRS = (2, 5)
+RECALL_VALUE_LEN = (2, 4)
+
+#: Split name → fraction of the prompt space.  Order matters: it fixes the hash buckets.
+SPLIT_FRACTIONS: dict[str, float] = {"train": 0.90, "validation": 0.05, "test": 0.05}
+SPLITS: tuple[str, ...] = tuple(SPLIT_FRACTIONS)
+_SPLIT_SALT = b"vllm-twotower-split-v1"
+#: Rejection-sampling attempts allowed for one example before the family is declared exhausted.
+_MAX_ATTEMPTS = 100_000
+
+
+class Example(NamedTuple):
+    """One task instance; the model is trained on ``prompt + answer`` followed by EOS."""
+
+    family: str
+    prompt: str
+    answer: str
+
+    @property
+    def text(self) -> str:
+        """The training text without special tokens."""
+        return self.prompt + self.answer
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task family: how to draw a prompt, how to answer it, and its fixed template words."""
+
+    name: str
+    sample: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    keywords: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _letters(rng: random.Random, length: tuple[int, int], alphabet: str = LETTERS) -> str:
+    """A random string whose length is uniform in the inclusive range ``length``."""
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*length)))
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    """A number whose digit count is uniform in 1..max_digits (so short numbers are common)."""
+    digits = rng.randint(1, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def _parse(pattern: re.Pattern[str], prompt: str) -> tuple[str, ...]:
+    """The groups of a full match of ``pattern`` against ``prompt``; ValueError if none."""
+    match = pattern.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"prompt {prompt!r} does not match {pattern.pattern!r}")
+    return match.groups()
+
+
+def _eval_terms(expr: str, env: dict[str, int]) -> int:
+    """Evaluate a sum of signed terms (``x-y+3``) without ``eval``."""
+    total = 0
+    for sign, term in re.findall(r"([+-]?)(\w+)", expr):
+        value = env[term] if term in env else int(term)
+        total += -value if sign == "-" else value
+    return total
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+_ARITH = re.compile(r"(\d+)([+-])(\d+)=")
+
+
+def _sample_add(rng: random.Random) -> str:
+    return f"{_number(rng, MAX_DIGITS)}+{_number(rng, MAX_DIGITS)}="
+
+
+def _sample_sub(rng: random.Random) -> str:
+    """Subtraction with a non-negative result, so answers stay digit strings."""
+    a, b = sorted((_number(rng, MAX_DIGITS), _number(rng, MAX_DIGITS)), reverse=True)
+    return f"{a}-{b}="
+
+
+def _solve_arith(prompt: str) -> str:
+    a, op, b = _parse(_ARITH, prompt)
+    return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def _sequence_family(
+    name: str, keyword: str, length: tuple[int, int], fn: Callable[[str], str]
+) -> Family:
+    """A family ``keyword(SEQ)=`` → ``fn(SEQ)``: copy, reverse and sort differ only in ``fn``."""
+    pattern = re.compile(re.escape(keyword) + r"\(([A-Z]+)\)=")
+
+    def sample(rng: random.Random) -> str:
+        return f"{keyword}({_letters(rng, length)})="
+
+    def solve(prompt: str) -> str:
+        return fn(_parse(pattern, prompt)[0])
+
+    return Family(name, sample, solve, (f"{keyword}(", ")="))
+
+
+# --------------------------------------------------------------------------- count
+
+_COUNT = re.compile(r"count\(([A-Z]),([A-Z]+)\)=")
+
+
+def _sample_count(rng: random.Random) -> str:
+    return f"count({rng.choice(COUNT_ALPHABET)},{_letters(rng, COUNT_LEN, COUNT_ALPHABET)})="
+
+
+def _solve_count(prompt: str) -> str:
+    target, text = _parse(_COUNT, prompt)
+    return str(text.count(target))
+
+
+# --------------------------------------------------------------------------- recall
+
+_RECALL = re.compile(r"((?:[A-Z]=[A-Z]+;)+)get\(([A-Z])\)=")
+
+
+def _sample_recall(rng: random.Random) -> str:
+    """A passage of distinct single-letter keys with letter values, then a query key."""
+    keys = rng.sample(LETTERS, rng.randint(*RECALL_PAIRS))
+    passage = "".join(f"{key}={_letters(rng, RECALL_VALUE_LEN)};" for key in keys)
+    return f"{passage}get({rng.choice(keys)})="
+
+
+def _solve_recall(prompt: str) -> str:
+    passage, key = _parse(_RECALL, prompt)
+    values = dict(pair.split("=") for pair in passage.rstrip(";").split(";"))
+    return values[key]
+
+
+# --------------------------------------------------------------------------- code
+
+_CODE = re.compile(r"def f\(x,y\):return ([-+xy0-9]+);f\((\d+),(\d+)\)=")
+
+
+def _sample_code(rng: random.Random) -> str:
+    """``def f(x,y):return <2-3 signed terms>;f(a,b)=`` with 1-2 digit arguments."""
+    extra = "".join(
+        rng.choice("+-") + rng.choice(("x", "y", str(rng.randint(1, 9))))
+        for _ in range(rng.randint(1, 2))
+    )
+    expr = rng.choice("xy") + extra
+    return f"def f(x,y):return {expr};f({_number(rng, 2)},{_number(rng, 2)})="
+
+
+def _solve_code(prompt: str) -> str:
+    expr, x, y = _parse(_CODE, prompt)
+    return str(_eval_terms(expr, {"x": int(x), "y": int(y)}))
+
+
+# --------------------------------------------------------------------------- registry
+
+FAMILIES: tuple[Family, ...] = (
+    Family("add", _sample_add, _solve_arith),
+    Family("sub", _sample_sub, _solve_arith),
+    _sequence_family("copy", "copy", SEQ_LEN, lambda s: s),
+    _sequence_family("reverse", "rev", SEQ_LEN, lambda s: s[::-1]),
+    _sequence_family("sort", "sort", SORT_LEN, lambda s: "".join(sorted(s))),
+    Family("count", _sample_count, _solve_count, ("count(", ")=")),
+    Family("recall", _sample_recall, _solve_recall, ("get(", ")=")),
+    Family("code", _sample_code, _solve_code, ("def f(x,y):return ", ";f(", ")=")),
+)
+FAMILY_BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILY_BY_NAME)
+#: Template words of all families, first occurrence order (stable token ids).
+KEYWORDS: tuple[str, ...] = tuple(dict.fromkeys(k for f in FAMILIES for k in f.keywords))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to: a salted hash of the prompt text, independent of seeds."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8, key=_SPLIT_SALT).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    for name, fraction in SPLIT_FRACTIONS.items():
+        if u < fraction:
+            return name
+        u -= fraction
+    return SPLITS[-1]
+
+
+def make_example(family: Family, prompt: str) -> Example:
+    """An example whose answer is computed from the prompt by the family's solver."""
+    return Example(family.name, prompt, family.solve(prompt))
+
+
+def _sample_in_split(
+    family: Family, split: str, rng: random.Random, seen: set[str] | None
+) -> Example:
+    """Rejection-sample one prompt of ``family`` that hashes into ``split`` (and is unseen)."""
+    for _ in range(_MAX_ATTEMPTS):
+        prompt = family.sample(rng)
+        if split_of(prompt) == split and (seen is None or prompt not in seen):
+            if seen is not None:
+                seen.add(prompt)
+            return make_example(family, prompt)
+    raise RuntimeError(f"family {family.name!r} has no more unseen prompts in split {split!r}")
+
+
+def iter_split(
+    split: str,
+    n: int,
+    seed: int,
+    *,
+    families: Sequence[str] | None = None,
+    unique: bool | None = None,
+) -> Iterator[Example]:
+    """Stream ``n`` examples of ``split``, deterministic in ``(split, n, seed, families)``.
+
+    Families are balanced: each round of ``len(families)`` examples holds every family once, in
+    a shuffled order (so any ``n ≥ len(families)`` contains all of them and streaming needs no
+    final shuffle).  ``unique`` (default: all splits but ``train``) forbids repeated prompts, so
+    evaluation sets count each question once; training repeats are harmless.
+    """
+    if split not in SPLIT_FRACTIONS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    chosen = [FAMILY_BY_NAME[name] for name in (families or FAMILY_NAMES)]
+    rng = random.Random(f"vllm-twotower:{seed}:{split}")
+    seen: set[str] | None = set() if (split != "train" if unique is None else unique) else None
+    order: list[Family] = []
+    for _ in range(n):
+        if not order:
+            order = list(chosen)
+            rng.shuffle(order)
+        yield _sample_in_split(order.pop(), split, rng, seen)
+
+
+def generate_split(
+    split: str,
+    n: int,
+    seed: int,
+    *,
+    families: Sequence[str] | None = None,
+    unique: bool | None = None,
+) -> list[Example]:
+    """The list form of :func:`iter_split`."""
+    return list(iter_split(split, n, seed, families=families, unique=unique))
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def normalize_generation(generated: str) -> str:
+    """Cut generated text at the first EOS/pad marker and drop trailing whitespace.
+
+    Servers usually strip special tokens already; this also accepts raw decodes.
+    """
+    for stop in (EOS_TOKEN, PAD_TOKEN):
+        generated = generated.split(stop, 1)[0]
+    return generated.rstrip()
+
+
+def score(family: str, prompt: str, generated: str) -> bool:
+    """Exact match of ``generated`` against the answer recomputed from ``prompt``."""
+    return normalize_generation(generated) == FAMILY_BY_NAME[family].solve(prompt)
+
+
+def is_correct(example: Example, generated: str) -> bool:
+    """Exact match of ``generated`` against ``example.answer``."""
+    return normalize_generation(generated) == example.answer
+
+
+def accuracy_by_family(examples: Iterable[Example], generations: Iterable[str]) -> dict[str, float]:
+    """Exact-match accuracy per family plus ``"all"``, over paired examples and generations."""
+    hits: dict[str, list[bool]] = {}
+    for example, generated in zip(examples, generations, strict=True):
+        ok = is_correct(example, generated)
+        hits.setdefault(example.family, []).append(ok)
+        hits.setdefault("all", []).append(ok)
+    return {name: sum(values) / len(values) for name, values in hits.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_jsonl(path: str | Path, examples: Iterable[Example]) -> int:
+    """Write examples as one ``{"family", "prompt", "answer"}`` object a line; returns the count."""
+    count = 0
+    with Path(path).open("w") as f:
+        for example in examples:
+            f.write(json.dumps(example._asdict()) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Examples written by :func:`write_jsonl`."""
+    with Path(path).open() as f:
+        return [Example(**json.loads(line)) for line in f if line.strip()]
