@@ -87,10 +87,10 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path: Path, tiny_checkpoin
 
 
 def test_missing_files_are_reported(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_state_dict(tmp_path)
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
-    with pytest.raises(CheckpointError, match="gone.safetensors"):
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors"):
         load_state_dict(tmp_path)
 
 

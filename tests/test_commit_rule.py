@@ -53,8 +53,15 @@ def _cases(draw):
 @given(_cases())
 def test_commit_rule_properties(case) -> None:
     logits, canvas, step, steps, threshold, temperature, seed = case
-    res = _run(logits, canvas, threshold=threshold, step=step, steps=steps,
-               temperature=temperature, seed=seed)
+    res = _run(
+        logits,
+        canvas,
+        threshold=threshold,
+        step=step,
+        steps=steps,
+        temperature=temperature,
+        seed=seed,
+    )
     masked = canvas == MASK
     n = masked.sum(-1)
     newly = masked & (res.canvas != MASK)
@@ -134,8 +141,10 @@ def test_sampling_confidence_is_untempered_and_seeded() -> None:
     c = _run(logits, torch.full((1, 16), MASK), temperature=2.0, seed=12, step=15)
     assert torch.equal(a.canvas, b.canvas)
     assert not torch.equal(a.canvas, c.canvas)
-    probs = torch.softmax(torch.cat([logits[..., :MASK], torch.full((1, 16, 1), -1e30),
-                                     logits[..., MASK + 1 :]], -1), -1)
+    probs = torch.softmax(
+        torch.cat([logits[..., :MASK], torch.full((1, 16, 1), -1e30), logits[..., MASK + 1 :]], -1),
+        -1,
+    )
     expected = probs.gather(-1, a.canvas.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(a.confidence, expected)
     # the noise depends on the absolute position: another block start draws differently

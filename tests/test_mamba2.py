@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_twotower.reference.mamba2 import Mamba2Mixer, causal_conv1d, ssd_chunk_scan, ssd_sequential
+from vllm_twotower.reference.mamba2 import (
+    Mamba2Mixer,
+    causal_conv1d,
+    ssd_chunk_scan,
+    ssd_sequential,
+)
 
 
 def _random_scan_inputs(length: int, seed: int) -> tuple[torch.Tensor, ...]:

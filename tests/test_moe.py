@@ -32,7 +32,7 @@ def _per_token(w: dict, top_k: int, scaling: float, normalize: bool) -> torch.Te
         weights = torch.stack([scores[e] for e in chosen])
         if normalize:
             weights = weights / weights.sum()
-        for e, wt in zip(chosen, weights * scaling):
+        for e, wt in zip(chosen, weights * scaling, strict=True):
             out[i] += float(wt) * expert_mlp(x, w["up_weights"][e], w["down_weights"][e])
         out[i] += expert_mlp(x, w["shared_up"], w["shared_down"])
     return out
@@ -41,8 +41,9 @@ def _per_token(w: dict, top_k: int, scaling: float, normalize: bool) -> torch.Te
 def test_moe_layer_matches_per_token_loop() -> None:
     w = _weights(0)
     for normalize in (True, False):
-        got = moe_forward(**{k: w[k] for k in w}, top_k=3, routed_scaling_factor=2.5,
-                          norm_topk_prob=normalize)
+        got = moe_forward(
+            **{k: w[k] for k in w}, top_k=3, routed_scaling_factor=2.5, norm_topk_prob=normalize
+        )
         torch.testing.assert_close(got, _per_token(w, 3, 2.5, normalize), rtol=1e-5, atol=1e-5)
 
 
@@ -55,14 +56,22 @@ def test_router_bias_changes_choice_not_weights() -> None:
     biased_weights, biased_ids = route(w["hidden"], w["gate_weight"], bias, **kwargs)
     assert (biased_ids == 7).any(dim=-1).all()
     scores = torch.sigmoid(w["hidden"].double() @ w["gate_weight"].double().t())
-    torch.testing.assert_close(biased_weights.double(), scores.gather(-1, biased_ids).to(torch.float32).double())
+    torch.testing.assert_close(
+        biased_weights.double(), scores.gather(-1, biased_ids).to(torch.float32).double()
+    )
     torch.testing.assert_close(weights.double(), scores.gather(-1, ids).float().double())
 
 
 def test_normalized_weights_sum_to_scaling_factor() -> None:
     w = _weights(2)
-    weights, _ = route(w["hidden"], w["gate_weight"], w["correction_bias"], top_k=4,
-                       routed_scaling_factor=2.5, norm_topk_prob=True)
+    weights, _ = route(
+        w["hidden"],
+        w["gate_weight"],
+        w["correction_bias"],
+        top_k=4,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
     torch.testing.assert_close(weights.sum(-1), torch.full((13,), 2.5))
 
 
@@ -72,6 +81,8 @@ def test_moe_without_shared_expert() -> None:
     with_shared = moe_forward(**w, top_k=2, routed_scaling_factor=1.0, norm_topk_prob=True)
     without = moe_forward(**w_no_shared, top_k=2, routed_scaling_factor=1.0, norm_topk_prob=True)
     torch.testing.assert_close(
-        with_shared - without, expert_mlp(w["hidden"], w["shared_up"], w["shared_down"]),
-        rtol=1e-5, atol=1e-5,
+        with_shared - without,
+        expert_mlp(w["hidden"], w["shared_up"], w["shared_down"]),
+        rtol=1e-5,
+        atol=1e-5,
     )

@@ -30,7 +30,7 @@ def test_cached_decoding_equals_full_recomputation(model64: TwoTowerModel) -> No
         logits, state = model64.extend_context(token[None], state)
         steps.append(logits[0])
     torch.testing.assert_close(torch.stack(steps), full_logits)
-    for a, b in zip(_flatten(state), _flatten(full_state)):
+    for a, b in zip(_flatten(state), _flatten(full_state), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -45,32 +45,40 @@ def test_blockwise_extension_equals_token_by_token(model64: TwoTowerModel) -> No
         token_logits.append(logits[0])
     torch.testing.assert_close(torch.stack(token_logits), block_logits)
     assert by_block.length == by_token.length == len(prompt) + len(block)
-    for a, b in zip(_flatten(by_block), _flatten(by_token)):
+    for a, b in zip(_flatten(by_block), _flatten(by_token), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_ar_generation_equals_greedy_recompute(tiny_model: TwoTowerModel) -> None:
     prompt = [1, 17, 23, 5]
-    (result,) = generate(tiny_model, [prompt], TwoTowerParams(mode=AR),
-                         SamplingSpec(max_new_tokens=12, ignore_eos=True))
+    (result,) = generate(
+        tiny_model,
+        [prompt],
+        TwoTowerParams(mode=AR),
+        SamplingSpec(max_new_tokens=12, ignore_eos=True),
+    )
     ids = list(prompt)
     for _ in range(12):  # no cache: the whole sequence every step
         logits, _ = tiny_model.extend_context(torch.tensor(ids), tiny_model.empty_context())
         ids.append(int(logits[-1].argmax()))
-    assert result.output_ids == ids[len(prompt):]
+    assert result.output_ids == ids[len(prompt) :]
     assert result.nfe == 0 and result.tokens_per_step == [1] * 12
 
 
 def test_mock_ar_step_definition(tiny_model: TwoTowerModel) -> None:
     prompt = [1, 40, 41, 42, 43]
-    (result,) = generate(tiny_model, [prompt], TwoTowerParams(mode=MOCK_AR),
-                         SamplingSpec(max_new_tokens=3, ignore_eos=True))
+    (result,) = generate(
+        tiny_model,
+        [prompt],
+        TwoTowerParams(mode=MOCK_AR),
+        SamplingSpec(max_new_tokens=3, ignore_eos=True),
+    )
     ids = list(prompt)
     for _ in range(3):  # the denoiser on the last token, context state before it, no t
         _, before = tiny_model.extend_context(torch.tensor(ids[:-1]), tiny_model.empty_context())
         logits = tiny_model.denoise(torch.tensor(ids[-1:]), before, t=None)
         ids.append(int(logits[-1].argmax()))
-    assert result.output_ids == ids[len(prompt):]
+    assert result.output_ids == ids[len(prompt) :]
     assert result.nfe == 3
 
 
@@ -88,20 +96,24 @@ def test_diffusion_denoiser_depends_on_context(tiny_model: TwoTowerModel) -> Non
     canvas = torch.full((16,), 3)
     _, ctx_a = tiny_model.extend_context(torch.tensor(PROMPTS[2]), tiny_model.empty_context())
     _, ctx_b = tiny_model.extend_context(torch.tensor(PROMPTS[3]), tiny_model.empty_context())
-    assert not torch.allclose(tiny_model.denoise(canvas, ctx_a, 1.0),
-                              tiny_model.denoise(canvas, ctx_b, 1.0))
-    assert not torch.allclose(tiny_model.denoise(canvas, ctx_a, 1.0),
-                              tiny_model.denoise(canvas, ctx_a, 0.5))
+    assert not torch.allclose(
+        tiny_model.denoise(canvas, ctx_a, 1.0), tiny_model.denoise(canvas, ctx_b, 1.0)
+    )
+    assert not torch.allclose(
+        tiny_model.denoise(canvas, ctx_a, 1.0), tiny_model.denoise(canvas, ctx_a, 0.5)
+    )
 
 
 @pytest.mark.parametrize("mode", [AR, MOCK_AR, MASK_DIFFUSION])
 def test_batch_generation_in_every_mode(tiny_model: TwoTowerModel, mode: str) -> None:
-    params = [TwoTowerParams(mode=mode, block_size=b, steps_per_block=s, confidence_threshold=g)
-              for b, s, g in [(16, 16, 0.3), (8, 4, 0.8), (16, 2, 0.5), (4, 4, 0.05)]]
+    params = [
+        TwoTowerParams(mode=mode, block_size=b, steps_per_block=s, confidence_threshold=g)
+        for b, s, g in [(16, 16, 0.3), (8, 4, 0.8), (16, 2, 0.5), (4, 4, 0.05)]
+    ]
     spec = [SamplingSpec(max_new_tokens=n) for n in (5, 17, 16, 1)]
     results = generate(tiny_model, PROMPTS, params, spec)
     again = generate(tiny_model, PROMPTS, params, spec)
-    for result, repeat, s, p in zip(results, again, spec, params):
+    for result, repeat, s, p in zip(results, again, spec, params, strict=True):
         assert result.output_ids == repeat.output_ids  # deterministic
         assert 1 <= len(result.output_ids) <= s.max_new_tokens
         if result.finish_reason == "stop":
@@ -121,8 +133,12 @@ def test_batch_generation_in_every_mode(tiny_model: TwoTowerModel, mode: str) ->
 def test_seeded_sampling_is_reproducible(tiny_model: TwoTowerModel, mode: str) -> None:
     params = TwoTowerParams(mode=mode, confidence_threshold=0.3)
     outs = [
-        generate(tiny_model, PROMPTS[1:3], params,
-                 SamplingSpec(max_new_tokens=16, temperature=1.5, seed=seed, ignore_eos=True))
+        generate(
+            tiny_model,
+            PROMPTS[1:3],
+            params,
+            SamplingSpec(max_new_tokens=16, temperature=1.5, seed=seed, ignore_eos=True),
+        )
         for seed in (1, 1, 2)
     ]
     ids = [[r.output_ids for r in out] for out in outs]

@@ -51,7 +51,11 @@ def test_block_modulation_order_per_layer_type() -> None:
             h = block.norm(x * (1 + scale) + shift)  # modulate, then norm
         else:
             h = block.norm(x) * (1 + scale) + shift  # norm, then modulate
-        mixed = block.mixer(h, *cache)[0] if symbol == MAMBA else (
-            block.mixer(h, *cache, causal=False)[0] if symbol == ATTENTION else block.mixer(h)
+        mixed = (
+            block.mixer(h, *cache)[0]
+            if symbol == MAMBA
+            else (
+                block.mixer(h, *cache, causal=False)[0] if symbol == ATTENTION else block.mixer(h)
+            )
         )
         torch.testing.assert_close(out, x + gate * mixed)

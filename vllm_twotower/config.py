@@ -72,7 +72,9 @@ class DiffusionDefaults:
             )
         if not 0 <= self.mask_token_id < vocab_size:
             raise ConfigError(
-                source, "mask_token_id", f"must be a token id < {vocab_size}, got {self.mask_token_id}"
+                source,
+                "mask_token_id",
+                f"must be a token id < {vocab_size}, got {self.mask_token_id}",
             )
         if not 0.0 < self.confidence_threshold <= 1.0:
             raise ConfigError(
@@ -210,7 +212,7 @@ class TwoTowerConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> TwoTowerConfig:
-        """Read ``config.json`` (and ``generation_config.json`` if present) from a checkpoint dir."""
+        """Read ``config.json`` (and ``generation_config.json`` if present) from a directory."""
         path = Path(path)
         config_file = path / "config.json"
         raw = _read_json(config_file)
@@ -294,9 +296,7 @@ def _read_pattern(raw: dict[str, Any], source: str) -> str:
             raise ConfigError(source, "hybrid_override_pattern", "must be a non-empty string")
         bad = sorted(set(pattern) - {MAMBA, ATTENTION, MOE, MLP})
         if bad:
-            raise ConfigError(
-                source, "hybrid_override_pattern", f"has unknown layer symbols {bad}"
-            )
+            raise ConfigError(source, "hybrid_override_pattern", f"has unknown layer symbols {bad}")
     elif "layers_block_type" in raw:
         types = raw["layers_block_type"]
         unknown = sorted({t for t in types if t not in _LAYER_TYPE_TO_SYMBOL})

@@ -48,9 +48,11 @@ def main() -> None:
         tokens = sum(len(r.output_ids) for r in results)
         nfe = sum(r.nfe for r in results)
         per_pass = f"{tokens / nfe:.2f} tokens/pass" if nfe else "no denoiser passes"
-        print(f"\n== {mode}: {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.1f} tok/s), "
-              f"{nfe} denoiser passes, {per_pass}")
-        for example, result in zip(examples, results):
+        print(
+            f"\n== {mode}: {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.1f} tok/s), "
+            f"{nfe} denoiser passes, {per_pass}"
+        )
+        for example, result in zip(examples, results, strict=True):
             text = tokenizer.decode(result.output_ids, skip_special_tokens=False)
             print(f"  {example.prompt!r} -> {text!r}")
 

@@ -26,7 +26,10 @@ def _load() -> str | None:
         return f"the compiled extension is not built ({exc})"
     built = int(torch.ops.twotower.version())
     if built != EXPECTED_OPS_VERSION:
-        return f"the compiled extension is stale (ops version {built}, expected {EXPECTED_OPS_VERSION})"
+        return (
+            f"the compiled extension is stale (ops version {built}, "
+            f"expected {EXPECTED_OPS_VERSION})"
+        )
     return None
 
 

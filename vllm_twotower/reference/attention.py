@@ -14,25 +14,25 @@ from torch import nn
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
 ) -> torch.Tensor:
-    """Softmax attention of ``q [T, nq, d]`` over ``k, v [P+T, nkv, d]`` (softmax in float32 or wider).
+    """Softmax attention of ``q [T, nq, d]`` over ``k, v [P+T, nkv, d]`` (float32+ softmax).
 
     The last ``T`` keys belong to the queries' own tokens; the first ``P`` are the past.  With
     ``causal`` a query at block offset ``i`` sees the past and offsets ``<= i``; without it, all.
     Query heads are grouped onto key/value heads (GQA).
     """
-    length, num_q_heads, _ = q.shape
-    total = k.shape[0]
-    group = num_q_heads // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    length, num_q_heads, _ = q.shape[-3:]
+    total = k.shape[-3]
+    group = num_q_heads // k.shape[-2]
+    k = k.repeat_interleave(group, dim=-2)
+    v = v.repeat_interleave(group, dim=-2)
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.einsum("thd,shd->hts", q.to(compute), k.to(compute)) * scale
+    scores = torch.einsum("...thd,...shd->...hts", q.to(compute), k.to(compute)) * scale
     if causal:
         past = total - length
         allowed = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hts,shd->thd", probs, v.to(compute)).to(q.dtype)
+    return torch.einsum("...hts,...shd->...thd", probs, v.to(compute)).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -63,9 +63,10 @@ class Attention(nn.Module):
         causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attend ``hidden [T, H]`` over past + own keys; return ``(out, all_k, all_v)``."""
-        length = hidden.shape[0]
-        q = self.q_proj(hidden).view(length, self.num_heads, self.head_dim)
-        k = torch.cat([past_k, self.k_proj(hidden).view(length, self.num_kv_heads, -1)])
-        v = torch.cat([past_v, self.v_proj(hidden).view(length, self.num_kv_heads, -1)])
+        q = self.q_proj(hidden).unflatten(-1, (self.num_heads, self.head_dim))
+        k_new = self.k_proj(hidden).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v_new = self.v_proj(hidden).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k = torch.cat([past_k, k_new], dim=-3)
+        v = torch.cat([past_v, v_new], dim=-3)
         out = attend(q, k, v, causal=causal, scale=self.head_dim**-0.5)
-        return self.o_proj(out.reshape(length, -1)), k, v
+        return self.o_proj(out.flatten(-2)), k, v

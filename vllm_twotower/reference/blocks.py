@@ -84,8 +84,8 @@ class MoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shared = self.shared_experts
-        return moe_forward(
-            hidden,
+        out = moe_forward(
+            hidden.reshape(-1, hidden.shape[-1]),
             gate_weight=self.gate.weight,
             correction_bias=self.gate.e_score_correction_bias,
             up_weights=torch.stack([e.up_proj.weight for e in self.experts]),
@@ -96,6 +96,7 @@ class MoE(nn.Module):
             routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.norm_topk_prob,
         )
+        return out.reshape(hidden.shape)
 
 
 class Block(nn.Module):
@@ -198,11 +199,11 @@ class Backbone(nn.Module):
         ``modulation``: ``[L, 3, H]`` per-layer adaLN parameters, or ``None``.
         """
         x = self.embeddings(input_ids)
-        if input_ids.shape[0] == 0:  # a one-token prompt's mock-AR context: nothing to read
+        if input_ids.shape[-1] == 0:  # a one-token prompt's mock-AR context: nothing to read
             return self.norm_f(x), state
         caches = []
         for i, layer in enumerate(self.layers):
             mod = modulation[i] if modulation is not None else None
             x, cache = layer(x, state.caches[i], causal=causal, modulation=mod)
             caches.append(cache)
-        return self.norm_f(x), ContextState(state.length + input_ids.shape[0], tuple(caches))
+        return self.norm_f(x), ContextState(state.length + input_ids.shape[-1], tuple(caches))

@@ -72,7 +72,7 @@ def generate(
     sampling_list = _as_list(sampling, len(prompts))
     runners = {AR: _generate_ar, MOCK_AR: _generate_mock_ar, MASK_DIFFUSION: _generate_diffusion}
     results = []
-    for prompt, p, s in zip(prompts, params_list, sampling_list):
+    for prompt, p, s in zip(prompts, params_list, sampling_list, strict=True):
         if not prompt:
             raise ValueError("prompt must contain at least one token")
         ids = torch.tensor(list(prompt), dtype=torch.long, device=model.device)

@@ -71,40 +71,41 @@ def ssd_chunk_scan(
     only the states at chunk ends are carried, starting from ``initial_state``.  Padding to a
     whole number of chunks uses ``dt = 0``, which neither decays nor feeds the state.
     """
-    length = x.shape[0]
+    lead = x.dim() - 3  # number of leading (batch) dimensions
+    length = x.shape[-3]
     pad = (-length) % chunk_size
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
         b = F.pad(b, (0, 0, 0, 0, 0, pad))
         c = F.pad(c, (0, 0, 0, 0, 0, pad))
-    n_chunks = x.shape[0] // chunk_size
-    x, dt, b, c = (t.reshape(n_chunks, chunk_size, *t.shape[1:]) for t in (x, dt, b, c))
+    n_chunks = x.shape[-3] // chunk_size
+    x, dt, b, c = (t.unflatten(lead, (n_chunks, chunk_size)) for t in (x, dt, b, c))
 
-    a_dt = (dt * a).permute(0, 2, 1)  # [chunks, nh, L]
+    a_dt = (dt * a).transpose(-1, -2)  # [..., chunks, nh, L]
     a_cumsum = torch.cumsum(a_dt, dim=-1)
-    x_dt = x * dt.unsqueeze(-1)  # [chunks, L, nh, hd]
+    x_dt = x * dt.unsqueeze(-1)  # [..., chunks, L, nh, hd]
 
     # 1. outputs from inputs of the same chunk
-    decay = torch.exp(segsum(a_dt))  # [chunks, nh, L, L]
-    y_diag = torch.einsum("clhn,cshn,chls,cshp->clhp", c, b, decay, x_dt)
+    decay = torch.exp(segsum(a_dt))  # [..., chunks, nh, L, L]
+    y_diag = torch.einsum("...clhn,...cshn,...chls,...cshp->...clhp", c, b, decay, x_dt)
 
     # 2. each chunk's contribution to the state at its end
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [chunks, nh, L]
-    chunk_states = torch.einsum("clhn,chl,clhp->chpn", b, decay_to_end, x_dt)
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [..., chunks, nh, L]
+    chunk_states = torch.einsum("...clhn,...chl,...clhp->...chpn", b, decay_to_end, x_dt)
 
     # 3. states at chunk boundaries, carried from the initial state
-    states = torch.cat([initial_state.unsqueeze(0), chunk_states], dim=0)
-    chunk_ends = F.pad(a_cumsum[..., -1].t(), (1, 0))  # [nh, chunks+1]
-    chunk_decay = torch.exp(segsum(chunk_ends))  # [nh, chunks+1, chunks+1]
-    states = torch.einsum("hzc,chpn->zhpn", chunk_decay, states)
-    prev_states, final_state = states[:-1], states[-1]
+    states = torch.cat([initial_state.unsqueeze(-4), chunk_states], dim=-4)
+    chunk_ends = F.pad(a_cumsum[..., -1].transpose(-1, -2), (1, 0))  # [..., nh, chunks+1]
+    chunk_decay = torch.exp(segsum(chunk_ends))  # [..., nh, chunks+1, chunks+1]
+    states = torch.einsum("...hzc,...chpn->...zhpn", chunk_decay, states)
+    prev_states, final_state = states[..., :-1, :, :, :], states[..., -1, :, :, :]
 
     # 4. outputs from the state entering each chunk
-    y_off = torch.einsum("clhn,chpn,chl->clhp", c, prev_states, torch.exp(a_cumsum))
+    y_off = torch.einsum("...clhn,...chpn,...chl->...clhp", c, prev_states, torch.exp(a_cumsum))
 
-    y = (y_diag + y_off).reshape(n_chunks * chunk_size, *x.shape[2:])
-    return y[:length], final_state
+    y = (y_diag + y_off).flatten(lead, lead + 1)
+    return y[..., :length, :, :], final_state
 
 
 def causal_conv1d(
@@ -119,9 +120,11 @@ def causal_conv1d(
     Returns:
         ``(outputs [T, D] before the activation, new conv state [D, K-1])``.
     """
-    window = torch.cat([conv_state, x.t()], dim=-1)  # [D, K-1+T]
-    out = F.conv1d(window.unsqueeze(0), weight, bias, groups=weight.shape[0]).squeeze(0)
-    return out.t(), window[:, -(weight.shape[-1] - 1) :]
+    window = torch.cat([conv_state, x.transpose(-1, -2)], dim=-1)  # [..., D, K-1+T]
+    flat = window.reshape(-1, *window.shape[-2:])
+    out = F.conv1d(flat, weight, bias, groups=weight.shape[0])
+    out = out.reshape(*window.shape[:-1], out.shape[-1])
+    return out.transpose(-1, -2), window[..., -(weight.shape[-1] - 1) :]
 
 
 class GatedRMSNorm(nn.Module):
@@ -174,7 +177,9 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.inner, self.inner // n_groups, eps)
         self.out_proj = nn.Linear(self.inner, hidden_size, bias=False)
 
-    def initial_state(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_state(
+        self, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero ``(conv_state [conv_dim, K-1], ssm_state [nh, hd, N] in at least float32)``."""
         dtype = self.in_proj.weight.dtype
         kernel = self.conv1d.weight.shape[-1]
@@ -192,9 +197,11 @@ class Mamba2Mixer(nn.Module):
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run ``hidden [T, H]`` from the given states; return ``(out, conv_state, ssm_state)``."""
-        length = hidden.shape[0]
+        lead, length = hidden.shape[:-2], hidden.shape[-2]
         compute = at_least_float32(hidden.dtype)
-        z, xbc, dt = torch.split(self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], -1)
+        z, xbc, dt = torch.split(
+            self.in_proj(hidden), [self.inner, self.conv_dim, self.num_heads], -1
+        )
         xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight, self.conv1d.bias, conv_state)
         xbc = F.silu(xbc)
         gn = self.n_groups * self.state_size
@@ -202,15 +209,15 @@ class Mamba2Mixer(nn.Module):
         heads_per_group = self.num_heads // self.n_groups
 
         def per_head(t: torch.Tensor) -> torch.Tensor:
-            t = t.reshape(length, self.n_groups, self.state_size).to(compute)
-            return t.repeat_interleave(heads_per_group, dim=1)
+            t = t.reshape(*lead, length, self.n_groups, self.state_size).to(compute)
+            return t.repeat_interleave(heads_per_group, dim=-2)
 
         dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute)).clamp(*self.time_step_limit)
         a = -torch.exp(self.A_log.to(compute))
-        x = x.reshape(length, self.num_heads, self.head_dim).to(compute)
+        x = x.reshape(*lead, length, self.num_heads, self.head_dim).to(compute)
         y, ssm_state = ssd_chunk_scan(
             x, dt, a, per_head(b), per_head(c), ssm_state.to(compute), self.chunk_size
         )
         y = y + self.D.to(compute)[:, None] * x
-        y = self.norm(y.reshape(length, self.inner).to(hidden.dtype), z)
+        y = self.norm(y.reshape(*lead, length, self.inner).to(hidden.dtype), z)
         return self.out_proj(y), conv_state, ssm_state

@@ -65,9 +65,7 @@ class TwoTowerModel(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32
-    ) -> TwoTowerModel:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> TwoTowerModel:
         """Load a checkpoint directory; missing or unexpected tensors raise, named."""
         config = TwoTowerConfig.from_pretrained(path)
         model = cls(config).to(dtype)
@@ -102,9 +100,7 @@ class TwoTowerModel(nn.Module):
         tables = torch.stack(list(self.scale_shift_tables))
         return tables + t_emb.view(1, 3, -1)
 
-    def denoise(
-        self, canvas: torch.Tensor, context: ContextState, t: float | None
-    ) -> torch.Tensor:
+    def denoise(self, canvas: torch.Tensor, context: ContextState, t: float | None) -> torch.Tensor:
         """Denoiser logits ``[S, V]`` (float32) for the block ``canvas [S]`` after ``context``.
 
         Attention joins the context tower's keys/values of the same layer with the block's own,

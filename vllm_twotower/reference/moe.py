@@ -41,8 +41,8 @@ def route(
         correction_bias: ``[E]`` ``e_score_correction_bias`` (affects the choice only).
 
     Returns:
-        ``(weights [N, top_k] in at least float32, expert ids [N, top_k] int64)``; ties in the biased score go
-        to the lower expert id (``torch.topk`` on CPU, sorted descending).
+        ``(weights [N, top_k] in at least float32, expert ids [N, top_k] int64)``; ties in the
+        biased score go to the lower expert id (``torch.topk`` on CPU, sorted descending).
     """
     logits = hidden.to(router_dtype) @ gate_weight.to(router_dtype).t()
     scores = torch.sigmoid(logits)

@@ -91,9 +91,7 @@ def make_tiny_checkpoint(
     config = config or tiny_config()
     model = TwoTowerModel(config)
     init_random(model, seed)
-    save_checkpoint(
-        out, model.to(dtype).state_dict(), config, max_shard_bytes=max_shard_bytes
-    )
+    save_checkpoint(out, model.to(dtype).state_dict(), config, max_shard_bytes=max_shard_bytes)
     save_tokenizer(out)
     return config
 
