@@ -10,6 +10,10 @@ import torch
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.tools.make_tiny import make_tiny_checkpoint
 
+# The test models are tiny: one intra-op thread is several times faster than two, and far
+# faster when another process (a vLLM engine under test) is using the other core.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
