@@ -1,9 +1,9 @@
 """The TwoTower commit rule ("re-masking"): the one home of how a denoising step decides tokens.
 
 Every path that denoises a block calls :func:`commit_step` — the reference implementation and
-the vLLM model runner; it runs the compiled kernel where one is built and :func:`commit_step_torch`
-(the readable definition, and the kernels' fallback and test oracle) otherwise.  The rule is the one of
-``shared/spec/twotower-model.md`` §4:
+the vLLM model runner.  It runs the compiled kernel where one is built and
+:func:`commit_step_torch` (the readable definition, the kernels' fallback and test oracle)
+otherwise.  The rule is the one of ``shared/spec/twotower-model.md`` §4:
 
 * the mask id is never predicted (its logit is suppressed before the softmax);
 * the prediction is the argmax (greedy) or a Gumbel-max draw from ``logits / temperature``, and
@@ -132,7 +132,7 @@ def num_to_commit(
 
 
 def select_commits(confidence: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B, S]``: the ``k`` masked positions of highest confidence, ties to lower positions."""
+    """Bool ``[B, S]``: the ``k`` masked positions of highest confidence, ties to lower ones."""
     ranked = torch.where(masked, confidence.float(), torch.full_like(confidence.float(), -1.0))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)

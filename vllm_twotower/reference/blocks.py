@@ -83,7 +83,11 @@ class MoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MoE on ``[..., H]`` tokens; the compiled kernel only where no gradient is recorded."""
         shared = self.shared_experts
+        records_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or self.gate.weight.requires_grad
+        )
         out = moe_forward(
             hidden.reshape(-1, hidden.shape[-1]),
             gate_weight=self.gate.weight,
@@ -95,6 +99,7 @@ class MoE(nn.Module):
             top_k=self.top_k,
             routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.norm_topk_prob,
+            use_kernel=not records_grad,  # the kernel has no backward
         )
         return out.reshape(hidden.shape)
 

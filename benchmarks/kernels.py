@@ -1,0 +1,233 @@
+"""Speed of each compiled kernel against its torch fallback, side by side, in one run.
+
+* commit step: ``torch.ops.twotower.commit_step`` vs ``commit_step_torch`` (the unfused rule);
+* MoE layer: ``torch.ops.twotower.moe_forward`` vs the reference layer (tokens grouped by expert
+  in torch, the fallback) and vs a straightforward per-token torch loop.
+
+Usage::
+
+    python benchmarks/kernels.py            # full shapes; rewrites the table in docs/kernels.md
+    python benchmarks/kernels.py --smoke    # tiny shapes, a few seconds; prints only (CI)
+
+Timings are medians of interleaved runs after one warm-up (a variant slower than ``SLOW_S`` runs
+once), on whatever CPU runs this (threads: ``torch.get_num_threads()``); the machine is named in
+the output.  The MoE weights of the real
+layer are 5 GB in float32; when the machine has too little free memory the expert count is
+reduced and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_twotower.commit import commit_step, commit_step_torch
+from vllm_twotower.ops import extension_available, extension_status
+from vllm_twotower.ops.moe import moe_forward
+from vllm_twotower.reference.moe import expert_mlp, route
+from vllm_twotower.reference.moe import moe_forward as reference_moe
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "kernels.md"
+BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+MASK_ID = 3
+SLOW_S = 10.0  # a variant slower than this runs once
+BUDGET_S = 30.0  # time for the repeated rounds of one configuration
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    timings: dict[str, float]  # name -> seconds; the first entry is the compiled kernel
+
+    def markdown(self, baselines: list[str]) -> str:
+        ours = next(iter(self.timings.values()))
+        cells = [self.kernel, self.shape, f"{ours * 1e3:.2f}"]
+        for name in baselines:
+            t = self.timings.get(name)
+            cells += ["–", "–"] if t is None else [f"{t * 1e3:.2f}", f"{t / ours:.1f}×"]
+        return "| " + " | ".join(cells) + " |"
+
+
+def measure(variants: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, float]:
+    """Median wall time of each variant, runs interleaved so that load from other processes hits
+    every variant alike.  Each runs once as a warm-up; a variant slower than ``SLOW_S`` is not
+    repeated (its warm-up time is reported), and the others repeat within ``BUDGET_S``."""
+    times: dict[str, list[float]] = {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        fn()
+        times[name] = [time.perf_counter() - start]
+    repeat = {name: t[0] < SLOW_S for name, t in times.items()}
+    per_round = sum(t[0] for name, t in times.items() if repeat[name])
+    rounds = max(1, min(repeats, int(BUDGET_S / max(per_round, 1e-9))))
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            if repeat[name]:
+                if len(times[name]) == 1 and rounds > 1:
+                    times[name].clear()  # drop the warm-up once there are real runs
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def commit_row(
+    batch: int, positions: int, vocab: int, dtype: torch.dtype, sampling: bool, repeats: int
+) -> Row:
+    """One commit step over fully masked canvases (every position predicted)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(batch, positions, vocab, generator=gen) * 3).to(dtype)
+    canvas = torch.full((batch, positions), MASK_ID)
+    args = {
+        "mask_id": MASK_ID,
+        "threshold": torch.full((batch,), 0.8),
+        "step": torch.zeros(batch, dtype=torch.long),
+        "steps_per_block": torch.full((batch,), 16),
+        "temperature": torch.full((batch,), 0.7 if sampling else 0.0),
+        "seed": torch.arange(batch),
+        "block_start": torch.zeros(batch, dtype=torch.long),
+    }
+    timings = measure(
+        {
+            "kernel": lambda: commit_step(logits, canvas, **args),
+            "torch fallback": lambda: commit_step_torch(logits, canvas, **args),
+        },
+        repeats=repeats,
+    )
+    mode = "sampled T=0.7" if sampling else "greedy"
+    shape = f"{batch}×{positions} rows × V {vocab}, {str(dtype)[6:]}, {mode}"
+    return Row("commit_step", shape, timings)
+
+
+def per_token_moe(hidden: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """Straightforward torch MoE: each token runs its own k experts one by one."""
+    weights, expert_ids = route(
+        hidden,
+        kw["gate_weight"],
+        kw["correction_bias"],
+        top_k=kw["top_k"],
+        routed_scaling_factor=kw["routed_scaling_factor"],
+        norm_topk_prob=kw["norm_topk_prob"],
+    )
+    out = torch.zeros_like(hidden, dtype=torch.float32)
+    for t in range(hidden.shape[0]):
+        for j, expert in enumerate(expert_ids[t].tolist()):
+            y = expert_mlp(hidden[t : t + 1], kw["up_weights"][expert], kw["down_weights"][expert])
+            out[t] += weights[t, j] * y[0].float()
+    if kw["shared_up"] is not None:
+        out += expert_mlp(hidden, kw["shared_up"], kw["shared_down"]).float()
+    return out.to(hidden.dtype)
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); a large number elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
+
+
+def moe_row(
+    tokens: int, experts: int, top_k: int, hidden: int, width: int, shared: int, repeats: int
+) -> Row:
+    """One MoE layer in float32; fewer experts than asked when memory is short."""
+    wanted = experts
+    experts = min(wanted, max(top_k, int(0.4 * available_bytes() / (8 * width * hidden))))
+    gen = torch.Generator().manual_seed(0)
+    kw = {
+        "gate_weight": torch.randn(experts, hidden, generator=gen) / hidden**0.5,
+        "correction_bias": torch.randn(experts, generator=gen) * 0.01,
+        "up_weights": torch.randn(experts, width, hidden, generator=gen) / hidden**0.5,
+        "down_weights": torch.randn(experts, hidden, width, generator=gen) / width**0.5,
+        "shared_up": torch.randn(shared, hidden, generator=gen) / hidden**0.5,
+        "shared_down": torch.randn(hidden, shared, generator=gen) / shared**0.5,
+        "top_k": top_k,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+    }
+    x = torch.randn(tokens, hidden, generator=gen)
+    timings = measure(
+        {
+            "kernel": lambda: moe_forward(x, **kw),
+            "torch fallback": lambda: reference_moe(x, **kw),
+            "per-token torch": lambda: per_token_moe(x, **kw),
+        },
+        repeats=repeats,
+    )
+    note = "" if experts == wanted else f" (reduced from {wanted}: memory)"
+    shape = f"{tokens} tok, E {experts}{note} top-{top_k}, H {hidden}, I {width}, shared {shared}"
+    return Row("moe_forward", shape, timings)
+
+
+def table(rows: list[Row]) -> str:
+    baselines = ["torch fallback", "per-token torch"]
+    head = "| kernel | shape | kernel ms | " + " | ".join(
+        f"{b} ms | speedup vs {b}" for b in baselines
+    )
+    lines = [head + " |", "|" + "---|" * (3 + 2 * len(baselines))]
+    lines += [row.markdown(baselines) for row in rows]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+    return "\n".join([*lines, "", f"Measured on: {machine}."])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, print only (CI)")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not extension_available():
+        # Nothing to compare; a CI smoke run on a build without the extension is not a failure.
+        print(f"benchmarks/kernels.py: skipped, {extension_status()}")
+        raise SystemExit(0 if args.smoke else 1)
+    f32, bf16 = torch.float32, torch.bfloat16
+    if args.smoke:
+        commit_cfg = [(2, 4, 1000, f32, False), (2, 4, 1000, bf16, True)]
+        moe_cfg = [(8, 8, 2, 32, 16, 32)]
+        repeats = 2
+    else:
+        commit_cfg = [
+            (32, 16, 131072, f32, False),
+            (32, 16, 131072, bf16, False),
+            (4, 16, 131072, f32, False),
+            (32, 16, 32768, f32, False),
+            (4, 16, 131072, f32, True),
+        ]
+        moe_cfg = [
+            (256, 128, 6, 2688, 1856, 3712),
+            (16, 128, 6, 2688, 1856, 3712),
+            (256, 16, 4, 512, 256, 512),
+            (16, 16, 4, 512, 256, 512),
+        ]
+        repeats = 5
+    rows = [commit_row(*cfg, repeats) for cfg in commit_cfg]
+    rows += [moe_row(*cfg, repeats) for cfg in moe_cfg]
+    text = table(rows)
+    print(text)
+    if not args.smoke and not args.no_write:
+        doc = DOC.read_text()
+        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+        DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+        print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
