@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vllm_twotower.commit as commit
-from vllm_twotower.ops import extension_available, extension_status
-from vllm_twotower.ops.commit import DISABLE_ENV, has_kernel
+from vllm_twotower.ops import DISABLE_ENV, extension_available, extension_status, has_kernel
 
 needs_kernel = pytest.mark.skipif(
     not extension_available(), reason=f"compiled ops unavailable: {extension_status()}"

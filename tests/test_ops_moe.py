@@ -7,9 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_twotower.ops import extension_available, extension_status
+from vllm_twotower.ops import DISABLE_ENV, extension_available, extension_status, has_kernel
 from vllm_twotower.ops import moe as moe_ops
-from vllm_twotower.ops.commit import DISABLE_ENV, has_kernel
 from vllm_twotower.reference import moe as reference
 
 needs_kernel = pytest.mark.skipif(

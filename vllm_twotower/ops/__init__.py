@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+#: Environment variable that, set to ``1``, forces the torch fallback of every compiled op.
+DISABLE_ENV = "TWOTOWER_DISABLE_KERNELS"
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 #: Must equal ``kOpsVersion`` in ``csrc/version.h``; a mismatch means a stale build.
 EXPECTED_OPS_VERSION = 2
@@ -45,3 +51,23 @@ def extension_status() -> str:
     """A one-line human-readable status of the compiled extension."""
     reason = _load()
     return "compiled ops loaded" if reason is None else reason
+
+
+def kernels_disabled() -> bool:
+    """Whether :data:`DISABLE_ENV` forces the torch fallbacks."""
+    return os.environ.get(DISABLE_ENV, "0") == "1"
+
+
+def has_kernel(op_name: str, device: torch.device) -> bool:
+    """Whether the loaded extension implements ``twotower::<op_name>`` on ``device``.
+
+    CUDA kernels exist only in builds against a CUDA torch, so a CPU-only build must not be asked
+    to run a CUDA tensor through the op.
+    """
+    key = _DISPATCH_KEYS.get(device.type)
+    return (
+        key is not None
+        and not kernels_disabled()
+        and extension_available()
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"twotower::{op_name}", key)
+    )

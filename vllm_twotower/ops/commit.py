@@ -8,37 +8,11 @@ benchmarks can flip it) sends every op of this package to its torch fallback.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from vllm_twotower.ops import extension_available
+from vllm_twotower.ops import extension_available, has_kernel
 
-#: Environment variable that, set to ``1``, forces the torch fallback of every compiled op.
-DISABLE_ENV = "TWOTOWER_DISABLE_KERNELS"
-
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def kernels_disabled() -> bool:
-    """Whether :data:`DISABLE_ENV` forces the torch fallbacks."""
-    return os.environ.get(DISABLE_ENV, "0") == "1"
-
-
-def has_kernel(op_name: str, device: torch.device) -> bool:
-    """Whether the loaded extension implements ``twotower::<op_name>`` on ``device``.
-
-    CUDA kernels exist only in builds against a CUDA torch, so a CPU-only build must not be asked
-    to run a CUDA tensor through the op.
-    """
-    key = _DISPATCH_KEYS.get(device.type)
-    return (
-        key is not None
-        and not kernels_disabled()
-        and extension_available()
-        and torch._C._dispatch_has_kernel_for_dispatch_key(f"twotower::{op_name}", key)
-    )
 
 
 def commit_kernel_supports(logits: torch.Tensor, canvas: torch.Tensor, mask_id: int) -> bool:

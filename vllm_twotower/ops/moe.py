@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_twotower.ops import extension_available
-from vllm_twotower.ops.commit import has_kernel
+from vllm_twotower.ops import extension_available, has_kernel
 
 __all__ = ["moe_forward", "moe_kernel_supports"]
 
