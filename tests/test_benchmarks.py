@@ -1,0 +1,30 @@
+"""Every benchmark runs once in its smoke configuration, so none can break silently.
+
+No timing is asserted: these only check that the scripts run to completion and print a table.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_RUNS = {
+    "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
+def test_benchmark_smoke(name: str) -> None:
+    result = subprocess.run(
+        [sys.executable, *SMOKE_RUNS[name]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "|" in result.stdout  # a markdown table was printed
