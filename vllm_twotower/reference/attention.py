@@ -18,7 +18,7 @@ def attend(
 
     The last ``T`` keys belong to the queries' own tokens; the first ``P`` are the past.  With
     ``causal`` a query at block offset ``i`` sees the past and offsets ``<= i``; without it, all.
-    Query heads are grouped onto key/value heads (GQA).
+    Query heads are grouped onto key/value heads (GQA).  Leading batch dimensions are allowed.
     """
     length, num_q_heads, _ = q.shape[-3:]
     total = k.shape[-3]

@@ -5,7 +5,8 @@ continues its own scan block by block, so every function here takes an initial s
 the final one.  The chunked SSD scan (:func:`ssd_chunk_scan`) is what the model runs; the exact
 sequential recurrence (:func:`ssd_sequential`) is the definition it is tested against.
 
-Shapes are for one sequence: ``T`` tokens, ``nh`` heads of ``hd`` channels, state size ``N``.
+Shapes are for one sequence: ``T`` tokens, ``nh`` heads of ``hd`` channels, state size ``N``;
+every function also accepts leading batch dimensions (``vllm_twotower.train`` uses them).
 The scan runs in float32 whatever the model dtype (seeded states can exceed bf16's range).
 """
 

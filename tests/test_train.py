@@ -1,0 +1,163 @@
+"""Training: both stages learn, the batched training pass *is* the inference pass, and the
+embedded trained checkpoint is the documented one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, TWOTOWER_TASKS
+from vllm_twotower.config import TwoTowerConfig
+from vllm_twotower.data import EOS_ID, MASK_ID, build_tokenizer, generate_split
+from vllm_twotower.reference import TwoTowerModel
+from vllm_twotower.tools.make_tiny import init_random, tiny_config
+from vllm_twotower.train import TrainSettings, tasks_config, train
+from vllm_twotower.train.batching import (
+    Encoded,
+    PrefixBuckets,
+    add_noise,
+    ar_batch,
+    block_items,
+    encode_all,
+)
+from vllm_twotower.train.objectives import (
+    ar_loss,
+    context_state,
+    denoiser_logits,
+    diffusion_loss,
+)
+from vllm_twotower.train.trainer import init_denoiser, init_model
+
+
+@pytest.fixture(scope="module")
+def encoded() -> list[Encoded]:
+    return encode_all(build_tokenizer(), generate_split("train", 64, seed=3))
+
+
+def _fit(loss_fn, params: list[torch.nn.Parameter], steps: int = 12) -> list[float]:
+    """Adam on one fixed batch: the loss must go down if the gradients are wired right."""
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_ar_stage_loss_decreases(encoded: list[Encoded]) -> None:
+    torch.manual_seed(0)
+    model = init_model(tiny_config(), seed=0)
+    batch = ar_batch(encoded[:16])
+    params = [*model.context_tower.parameters(), *model.context_lm_head.parameters()]
+    losses = _fit(lambda: ar_loss(model, batch.inputs, batch.targets, batch.weights)[0], params)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_diffusion_stage_loss_decreases_and_context_stays_frozen(encoded: list[Encoded]) -> None:
+    torch.manual_seed(0)
+    model = init_model(tiny_config(), seed=0)
+    init_denoiser(model)
+    for p in [*model.context_tower.parameters(), *model.context_lm_head.parameters()]:
+        p.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.context_tower.state_dict().items()}
+    buckets = PrefixBuckets(block_items(encoded, 16))
+    generator = torch.Generator().manual_seed(0)
+    prefixes, blocks = buckets.sample(16, generator)
+    canvas, _ = add_noise(blocks, generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = _fit(lambda: diffusion_loss(model, prefixes, canvas, blocks)[0], params)
+    assert losses[-1] < 0.8 * losses[0], losses
+    for name, value in model.context_tower.state_dict().items():
+        assert torch.equal(value, frozen[name]), name
+
+
+def test_identity_time_conditioning_makes_the_denoiser_the_context_tower() -> None:
+    model = init_model(tiny_config(), seed=1).double()
+    init_denoiser(model)
+    ids = torch.tensor([1, 20, 30, 40, 50, 3, 3, 7])
+    empty = model.empty_context()
+    expected, _ = model.denoiser_tower(ids, empty, causal=False)
+    for t in (0.1, 1.0):
+        hidden, _ = model.denoiser_tower(
+            ids, empty, causal=False, modulation=model.time_modulation(t)
+        )
+        torch.testing.assert_close(hidden, expected)
+
+
+def test_blocks_start_at_the_answer_and_are_eos_padded() -> None:
+    item = Encoded(ids=(1, 10, 11, 12, *range(20, 40), EOS_ID), answer_start=4)
+    first, second = block_items([item], 16)
+    assert first.prefix == (1, 10, 11, 12) and first.block == tuple(range(20, 36))
+    assert second.prefix == (1, 10, 11, 12, *range(20, 36))
+    assert second.block == (36, 37, 38, 39, EOS_ID, *[EOS_ID] * 11)
+
+
+def test_noise_masks_at_least_one_position() -> None:
+    blocks = torch.full((256, 16), 7)
+    canvas, masked = add_noise(blocks, torch.Generator().manual_seed(0), t_min=1e-3)
+    assert masked.any(dim=1).all()
+    assert torch.equal(canvas == MASK_ID, masked)
+    fractions = masked.float().mean(dim=1)
+    assert 0.35 < float(fractions.mean()) < 0.65  # t ~ U[1e-3, 1]
+
+
+def test_batched_training_pass_equals_reference_denoise() -> None:
+    """Block N of training == ``TwoTowerModel.denoise`` after blocks 0..N-1 were committed.
+
+    The reference builds the context the inference way (prompt prefill, then block-wise
+    extension); the training pass reads the whole prefix in one batched call and conditions
+    each row on its own mask count.  Random time-conditioning weights make ``t`` matter.
+    """
+    torch.manual_seed(0)
+    model = TwoTowerModel(tiny_config()).double()
+    init_random(model, seed=5)
+    prompt = torch.randint(5, 100, (3, 7))
+    answer = torch.randint(5, 100, (3, 48))
+    canvases = answer[:, 32:].clone()
+    for row, n_masked in enumerate((16, 9, 1)):
+        canvases[row, torch.randperm(16)[:n_masked]] = MASK_ID
+    prefixes = torch.cat([prompt, answer[:, :32]], dim=1)  # blocks 0, 1 clean; block 2 noisy
+    batched = denoiser_logits(model, canvases, context_state(model, prefixes))
+    for row in range(3):
+        _, state = model.extend_context(prompt[row], model.empty_context())
+        for start in (0, 16):  # block-wise context extension, as generation does
+            _, state = model.extend_context(answer[row, start : start + 16], state)
+        t = int((canvases[row] == MASK_ID).sum()) / 16
+        expected = model.denoise(canvases[row], state, t)
+        torch.testing.assert_close(batched[row], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_train_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    settings = TrainSettings(
+        n_train=64, n_val=16, ar_steps=3, ar_batch=8, diffusion_steps=3, diffusion_batch=8,
+        warmup=1, eval_every=100,
+    )  # fmt: skip
+    log = tmp_path / "log.jsonl"
+    train(settings, tmp_path / "ckpt", config=tiny_config(), log_path=log)
+    model = TwoTowerModel.from_pretrained(tmp_path / "ckpt")
+    assert model.config == TwoTowerConfig.from_pretrained(tmp_path / "ckpt")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["stage"] for r in records} >= {"setup", "ar", "diffusion", "done"}
+
+
+def test_embedded_checkpoint_is_the_trained_one() -> None:
+    assert DEFAULT_CHECKPOINT == TWOTOWER_TASKS
+    config = TwoTowerConfig.from_pretrained(TWOTOWER_TASKS)
+    assert config.to_hf_dict() == tasks_config().to_hf_dict()
+    assert set(config.pattern) == {"M", "*", "E"}
+    assert (config.head_dim, config.chunk_size, config.vocab_size) == (32, 16, 128)
+    d = config.diffusion
+    assert (d.confidence_threshold, d.block_size, d.steps_per_block, d.mask_token_id) == (
+        0.8, 16, 16, MASK_ID,
+    )  # fmt: skip
+    size = sum(f.stat().st_size for f in TWOTOWER_TASKS.iterdir())
+    assert size <= 20 * 2**20
+    model = TwoTowerModel.from_pretrained(TWOTOWER_TASKS)
+    towers = sum(p.numel() for p in model.context_tower.parameters())
+    assert 1_000_000 < towers < 10_000_000

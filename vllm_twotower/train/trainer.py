@@ -1,0 +1,315 @@
+"""The two training stages and the checkpoint they produce.
+
+Stage 1 trains the context tower and ``context_lm_head`` as an ordinary AR language model.
+Stage 2 freezes them, copies the context tower (and its head) into the denoiser, and trains the
+denoiser and the time conditioning with the MDLM objective (spec §6).  Both stages use AdamW
+with a linear warm-up and a cosine decay to 10 %, gradient clipping at 1, and a seeded
+``torch.Generator`` for every random choice, so a run is a function of its arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_twotower.checkpoint import save_checkpoint
+from vllm_twotower.config import TwoTowerConfig
+from vllm_twotower.data import (
+    FAMILY_NAMES,
+    Example,
+    build_tokenizer,
+    generate_split,
+    save_tokenizer,
+)
+from vllm_twotower.reference.model import TwoTowerModel
+from vllm_twotower.tools.make_tiny import init_random, tiny_config
+from vllm_twotower.train.batching import (
+    Encoded,
+    PrefixBuckets,
+    add_noise,
+    ar_batch,
+    ar_batches,
+    block_items,
+    encode_all,
+)
+from vllm_twotower.train.objectives import ar_loss, diffusion_loss
+
+
+def tasks_config() -> TwoTowerConfig:
+    """The architecture of the embedded ``twotower-tasks`` checkpoint.
+
+    Every Nemotron-H layer type but the dense MLP (which the real model does not use): Mamba-2,
+    attention, MoE, three times.  Attention ``head_dim`` 32 (vLLM's CPU attention rejects 16),
+    Mamba ``chunk_size`` 16 = the diffusion block size; ~2.3 M parameters per tower, so both
+    towers fit the 20 MB budget in float32.
+    """
+    return tiny_config(
+        hidden_size=128,
+        pattern="M*EM*EM*E",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        mamba_num_heads=8,
+        mamba_head_dim=32,
+        ssm_state_size=32,
+        n_groups=2,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        moe_shared_expert_intermediate_size=256,
+        intermediate_size=0,
+    )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a run depends on (besides the architecture); logged with the losses."""
+
+    seed: int = 0
+    n_train: int = 150_000
+    n_val: int = 800
+    ar_steps: int = 1800
+    ar_batch: int = 64
+    ar_lr: float = 2e-3
+    ar_answer_only: bool = True
+    diffusion_steps: int = 1000
+    diffusion_batch: int = 64
+    diffusion_lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eval_every: int = 300
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to ``peak / 10``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def init_model(config: TwoTowerConfig, seed: int) -> TwoTowerModel:
+    """Fresh weights: Mamba's ``A``/``dt`` init from ``make_tiny``, small heads, no router bias.
+
+    ``make_tiny`` sharpens its heads for commit-rule tests; a model to be trained wants the
+    opposite (near-uniform initial predictions), and the router's correction bias only steers
+    the top-k choice, which gets no gradient, so it starts (and stays) at zero.
+    """
+    model = TwoTowerModel(config)
+    init_random(model, seed)
+    std = config.hidden_size**-0.5
+    generator = torch.Generator().manual_seed(seed + 1)
+    for head in (model.context_lm_head, model.lm_head):
+        head.weight.copy_(0.1 * std * torch.randn(head.weight.shape, generator=generator))
+    for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            param.zero_()
+    return model
+
+
+@torch.no_grad()
+def init_denoiser(model: TwoTowerModel) -> None:
+    """Denoiser := context tower (heads too), with time conditioning that starts as identity.
+
+    ``shift, scale, gate = table[l] + t_block(t_embedder(t))``: zero ``t_block`` weights and
+    tables ``(0, 0, 1)`` give ``x + 1·mixer(norm(x))`` at every ``t``, i.e. exactly the context
+    tower's computation, and training grows the ``t`` dependence from there (adaLN-zero style:
+    ``t_block``'s weight still gets a gradient through its non-zero input).
+    """
+    model.denoiser_tower.load_state_dict(model.context_tower.state_dict())
+    model.lm_head.weight.copy_(model.context_lm_head.weight)
+    model.t_block[1].weight.zero_()
+    model.t_block[1].bias.zero_()
+    for table in model.scale_shift_tables:
+        table.zero_()
+        table[2].fill_(1.0)
+
+
+class Logger:
+    """JSON-lines loss log (one object per logged step) plus a tqdm bar per stage."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.start = time.monotonic()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def log(self, **record: object) -> None:
+        record["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _optimizer(params: Iterable[torch.nn.Parameter], settings: TrainSettings, lr: float):
+    params = list(params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+def _run_stage(
+    name: str,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    peak_lr: float,
+    settings: TrainSettings,
+    loss_fn: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    logger: Logger,
+) -> None:
+    """The optimisation loop shared by both stages (``loss_fn(step)`` draws its own batch)."""
+    optimizer = _optimizer(params, settings, peak_lr)
+    bar = tqdm(range(steps), desc=name, dynamic_ncols=True, mininterval=2.0)
+    smoothed = None
+    for step in bar:
+        lr = lr_at(step, steps, peak_lr, settings.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        value = float(loss.detach())
+        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
+        bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{lr:.1e}")
+        if step % 10 == 0:
+            logger.log(stage=name, step=step, loss=value, lr=lr, grad_norm=float(grad_norm))
+        if (step + 1) % settings.eval_every == 0 or step + 1 == steps:
+            metrics = evaluate()
+            logger.log(stage=name, step=step + 1, **metrics)
+            tqdm.write(f"{name} step {step + 1}: " + json.dumps(metrics))
+
+
+@torch.no_grad()
+def evaluate_ar(
+    model: TwoTowerModel, val: list[Encoded], families: list[str], batch: int = 128
+) -> dict[str, float]:
+    """Validation answer loss and greedy exact match (teacher-forced all-correct) per family."""
+    model.eval()
+    losses, correct = [], []
+    for i in range(0, len(val), batch):
+        b = ar_batch(val[i : i + batch])
+        loss, ok = ar_loss(model, b.inputs, b.targets, b.weights)
+        losses.append(float(loss) * len(ok))
+        correct.extend(ok.tolist())
+    model.train()
+    metrics = {"val_loss": sum(losses) / len(val)}
+    for family in FAMILY_NAMES:
+        hits = [c for c, f in zip(correct, families, strict=True) if f == family]
+        metrics[f"acc_{family}"] = sum(hits) / max(1, len(hits))
+    metrics["acc_mean"] = sum(metrics[f"acc_{f}"] for f in FAMILY_NAMES) / len(FAMILY_NAMES)
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def evaluate_diffusion(
+    model: TwoTowerModel, buckets: PrefixBuckets, seed: int, batch: int = 128
+) -> dict[str, float]:
+    """Validation masked-token loss and accuracy under fixed random masks."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total, count, hits = 0.0, 0, 0
+    for prefixes, blocks in buckets.iter_all(batch):
+        canvas, _ = add_noise(blocks, generator)
+        loss, ok = diffusion_loss(model, prefixes, canvas, blocks)
+        total += float(loss) * len(ok)
+        count += len(ok)
+        hits += int(ok.sum())
+    model.train()
+    return {"val_loss": round(total / count, 4), "val_masked_acc": round(hits / count, 4)}
+
+
+def train(
+    settings: TrainSettings,
+    out: Path | None,
+    *,
+    config: TwoTowerConfig | None = None,
+    log_path: Path | None = None,
+    stages: tuple[str, ...] = ("ar", "diffusion"),
+) -> TwoTowerModel:
+    """Run the requested stages from a fresh model and write the checkpoint to ``out``."""
+    config = config or tasks_config()
+    torch.manual_seed(settings.seed)
+    logger = Logger(log_path)
+    logger.log(stage="setup", settings=asdict(settings), config=config.to_hf_dict())
+    tokenizer = build_tokenizer()
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise ValueError(
+            f"vocab_size {config.vocab_size} < tokenizer's {tokenizer.get_vocab_size()}"
+        )
+    train_examples = generate_split("train", settings.n_train, settings.seed)
+    val_examples: list[Example] = generate_split("validation", settings.n_val, settings.seed)
+    train_set, val_set = encode_all(tokenizer, train_examples), encode_all(tokenizer, val_examples)
+    val_families = [e.family for e in val_examples]
+    model = init_model(config, settings.seed)
+    model.train()
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    if "ar" in stages:
+        tower = [*model.context_tower.parameters(), *model.context_lm_head.parameters()]
+
+        batches = ar_batches(
+            train_set, settings.ar_batch, generator, answer_only=settings.ar_answer_only
+        )
+
+        def ar_step(step: int) -> torch.Tensor:
+            b = next(batches)
+            return ar_loss(model, b.inputs, b.targets, b.weights)[0]
+
+        _run_stage(
+            "ar",
+            tower,
+            settings.ar_steps,
+            settings.ar_lr,
+            settings,
+            ar_step,
+            lambda: evaluate_ar(model, val_set, val_families),
+            logger,
+        )
+
+    if "diffusion" in stages:
+        size = config.chunk_size
+        init_denoiser(model)
+        for p in [*model.context_tower.parameters(), *model.context_lm_head.parameters()]:
+            p.requires_grad_(False)
+        denoiser = [p for p in model.parameters() if p.requires_grad]
+        train_buckets = PrefixBuckets(block_items(train_set, size))
+        val_buckets = PrefixBuckets(block_items(val_set, size))
+
+        def diffusion_step(step: int) -> torch.Tensor:
+            prefixes, blocks = train_buckets.sample(settings.diffusion_batch, generator)
+            canvas, _ = add_noise(blocks, generator)
+            return diffusion_loss(model, prefixes, canvas, blocks)[0]
+
+        _run_stage(
+            "diffusion",
+            denoiser,
+            settings.diffusion_steps,
+            settings.diffusion_lr,
+            settings,
+            diffusion_step,
+            lambda: evaluate_diffusion(model, val_buckets, settings.seed + 1),
+            logger,
+        )
+
+    model.eval()
+    if out is not None:
+        save_checkpoint(out, model.state_dict(), replace(config))
+        save_tokenizer(out, tokenizer)
+    logger.log(stage="done")
+    return model
