@@ -166,7 +166,10 @@ class TwoTowerConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         if self.intermediate_size == 0:
             out.pop("intermediate_size")
-        out["time_step_limit"] = [self.time_step_limit[0], _json_float(self.time_step_limit[1])]
+        # (0, inf) is NemotronHConfig's default, and transformers' strict config rejects the
+        # string "inf" that is JSON's only spelling of it: write the field only when it differs.
+        if self.time_step_limit == (0.0, math.inf):
+            out.pop("time_step_limit")
         return out
 
     def generation_config_dict(self) -> dict[str, Any]:
@@ -270,10 +273,6 @@ class TwoTowerConfig:
             raise ConfigError(source, "intermediate_size", "must be positive for '-' layers")
         if self.tie_word_embeddings:
             raise ConfigError(source, "tie_word_embeddings", "must be false (TwoTower is untied)")
-
-
-def _json_float(x: float) -> float | str:
-    return "inf" if math.isinf(x) else x
 
 
 def _read_json(path: Path) -> dict[str, Any]:
