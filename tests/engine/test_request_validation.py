@@ -1,0 +1,84 @@
+"""Per-request parameter plumbing that needs no engine: defaults, validation, slot table."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_twotower.config import DiffusionDefaults
+from vllm_twotower.engine.params import ServerDefaults, TwoTowerParamsValidator
+from vllm_twotower.engine.requests import MODE_ID, RequestTable
+
+
+def defaults(**hf: object) -> ServerDefaults:
+    return ServerDefaults.from_hf_config(DiffusionDefaults(), 16, SimpleNamespace(**hf))
+
+
+def test_hf_overrides_change_server_defaults() -> None:
+    d = defaults(default_mode="ar", confidence_threshold=0.9, block_size=8)
+    p = d.resolve(None)
+    assert (p.mode, p.confidence_threshold, p.block_size) == ("ar", 0.9, 8)
+    assert d.resolve({"mode": "mock_ar"}).mode == "mock_ar"
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "field"),
+    [
+        ({"mode": "beam"}, "mode"),
+        ({"confidence_threshold": 0.0}, "confidence_threshold"),
+        ({"confidence_threshold": 1.5}, "confidence_threshold"),
+        ({"block_size": 32}, "block_size"),
+        ({"steps_per_block": 2.5}, "steps_per_block"),
+        ({"steps_per_block": 0}, "steps_per_block"),
+    ],
+)
+def test_invalid_values_name_the_field(extra_args: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        defaults().resolve(extra_args)
+
+
+def test_invalid_server_default_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        defaults(default_mode="nope")
+
+
+def test_validator_hook_rejects_at_admission() -> None:
+    TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"mode": "ar"}))
+    with pytest.raises(ValueError, match="block_size"):
+        TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"block_size": -1}))
+    with pytest.raises(ValueError, match="logprobs"):
+        TwoTowerParamsValidator.validate_params(SamplingParams(logprobs=2))
+    from vllm.sampling_params import StructuredOutputsParams
+
+    guided = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
+    with pytest.raises(ValueError, match="structured_outputs"):
+        TwoTowerParamsValidator.validate_params(guided)
+
+
+def test_request_table_slots_grow_and_recycle() -> None:
+    table = RequestTable(defaults(), capacity=2)
+    sp = [SamplingParams(extra_args={"mode": "ar"}), SamplingParams(seed=5), SamplingParams()]
+    slots = table.slots(["a", "b", "c"], sp)
+    assert len(set(slots.tolist())) == 3 and table.capacity >= 3
+    assert table.mode[slots[0]] == MODE_ID["ar"]
+    assert table.mode[slots[1]] == MODE_ID["mask_diffusion"]
+    table.remove("a")
+    again = table.slots(["d"], [SamplingParams()])
+    assert again[0] == slots[0]
+    assert table.slots(["b"], [SamplingParams()])[0] == slots[1]  # stable for a known request
+
+
+def test_stats_cover_live_and_finished_requests() -> None:
+    table = RequestTable(defaults(), capacity=4)
+    a, _ = table.slots(["a", "b"], [SamplingParams(), SamplingParams(extra_args={"mode": "ar"})])
+    table.nfe[a], table.blocks[a], table.decided[a] = 6, 2, 32
+    table.remove("a")
+    stats = table.stats()
+    assert stats["requests"]["a"] == {
+        "mode": "mask_diffusion", "nfe": 6, "blocks": 2, "denoised_tokens": 32,
+        "tokens_per_nfe": 32 / 6,
+    }  # fmt: skip
+    assert stats["requests"]["b"]["nfe"] == 0
+    assert stats["aggregate"]["steps_per_block"] == 3.0

@@ -1,0 +1,1 @@
+"""The TwoTower engine inside vLLM: config hook, worker, model runner, request parameters."""

@@ -1,0 +1,35 @@
+"""GPU worker installing the TwoTower runner (imported only on CUDA platforms).
+
+Untested so far (no GPU in CI): AR mode needs nothing device-specific; the denoising modes need
+:class:`~vllm_twotower.engine.context_reader.ContextReader` to learn the CUDA attention
+backend's KV layout, which it refuses with a clear error until then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from vllm_twotower.engine.runner import TwoTowerRunnerMixin
+
+
+class TwoTowerGPUModelRunner(TwoTowerRunnerMixin, GPUModelRunner):
+    """vLLM's V1 GPU model runner with the TwoTower block step."""
+
+    def __init__(self, vllm_config: Any, device: Any) -> None:
+        super().__init__(vllm_config, device)
+        self._twotower_init()
+
+
+class TwoTowerGPUWorker(Worker):
+    """vLLM's GPU worker running :class:`TwoTowerGPUModelRunner`."""
+
+    def init_device(self) -> None:
+        super().init_device()
+        self.model_runner = TwoTowerGPUModelRunner(self.vllm_config, self.device)
+
+    def twotower_stats(self) -> dict[str, object]:
+        """See :meth:`vllm_twotower.engine.worker.TwoTowerCPUWorker.twotower_stats`."""
+        return self.model_runner.tt_requests.stats()

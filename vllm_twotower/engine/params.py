@@ -1,0 +1,102 @@
+"""Request-parameter plumbing between vLLM and :mod:`vllm_twotower.params`.
+
+The rule for what a request may ask for lives in :func:`vllm_twotower.params.resolve_params`
+(shared with the reference).  This module adds what only the engine needs:
+
+* :class:`ServerDefaults`: the server-wide defaults (``generation_config.json``, overridable per
+  server through ``--hf-overrides``, e.g. ``{"default_mode": "ar", "confidence_threshold": 0.9}``);
+* :class:`TwoTowerParamsValidator`: a logits processor that changes nothing and exists for its
+  ``validate_params`` hook, which vLLM runs on every request at admission in the API-server /
+  ``LLM`` process, turning a ``ValueError`` into HTTP 400 before the request reaches the engine.
+  The config hook installs it for the TwoTower architecture only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from vllm_twotower.config import DiffusionDefaults
+from vllm_twotower.params import MODES, TwoTowerParams, resolve_params
+
+#: ``--hf-overrides`` keys that change server defaults (besides the DiffusionDefaults fields).
+DEFAULT_MODE_KEY = "default_mode"
+
+
+@dataclass(frozen=True)
+class ServerDefaults:
+    """What a request gets for the fields it leaves out, and the model's limits."""
+
+    diffusion: DiffusionDefaults
+    max_block_size: int
+    mode: str = "mask_diffusion"
+
+    @classmethod
+    def from_hf_config(
+        cls, diffusion: DiffusionDefaults, max_block_size: int, hf_config: Any
+    ) -> ServerDefaults:
+        """Apply ``--hf-overrides`` (attributes of the HF config) on top of the checkpoint's."""
+        overrides = {
+            name: getattr(hf_config, name)
+            for name in ("block_size", "steps_per_block", "confidence_threshold")
+            if getattr(hf_config, name, None) is not None
+        }
+        defaults = cls(replace(diffusion, **overrides), max_block_size)
+        mode = getattr(hf_config, DEFAULT_MODE_KEY, None)
+        if mode is not None:
+            defaults = replace(defaults, mode=mode)
+        # The defaults must themselves be a valid request.
+        defaults.resolve(None)
+        return defaults
+
+    def resolve(self, extra_args: dict[str, Any] | None) -> TwoTowerParams:
+        """A request's parameters; raises ``ValueError`` naming the first invalid field."""
+        args = {"mode": self.mode, **(extra_args or {})}
+        return resolve_params(args, self.diffusion, self.max_block_size)
+
+
+# The API-server process learns its model's defaults from the config hook (which runs where the
+# VllmConfig is built), because ``validate_params`` is a classmethod without the config.
+_admission_defaults: ServerDefaults | None = None
+
+
+def set_admission_defaults(defaults: ServerDefaults) -> None:
+    """Record the defaults :class:`TwoTowerParamsValidator` checks requests against."""
+    global _admission_defaults
+    _admission_defaults = defaults
+
+
+class TwoTowerParamsValidator(LogitsProcessor):
+    """No-op logits processor whose ``validate_params`` rejects invalid TwoTower parameters."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        # The block step chooses tokens with the commit rule, not vLLM's sampler, so what
+        # only that sampler implements is refused rather than silently ignored.
+        if sampling_params.logprobs is not None:
+            raise ValueError("logprobs are not supported by the TwoTower engine yet")
+        if sampling_params.structured_outputs is not None:
+            raise ValueError("structured_outputs are not supported by the TwoTower engine")
+        if _admission_defaults is not None:
+            _admission_defaults.resolve(sampling_params.extra_args)
+        else:  # a process without the hook's defaults still checks what it can
+            resolve_params(sampling_params.extra_args, DiffusionDefaults(), 1 << 30)
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: Any) -> None:
+        pass
+
+
+__all__ = ["MODES", "ServerDefaults", "TwoTowerParamsValidator", "set_admission_defaults"]

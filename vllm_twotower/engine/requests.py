@@ -1,0 +1,151 @@
+"""Slot-indexed per-request TwoTower state kept by the model runner.
+
+vLLM's persistent batch reorders and compacts its rows every step, so the runner keeps its own
+table: a request gets a slot when it is first sampled and frees it when vLLM drops the request
+(finished or aborted).  Everything the batched code needs is a tensor indexed by slot; the only
+per-request Python object is the ``req_id -> slot`` map.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+from vllm.sampling_params import SamplingParams
+
+from vllm_twotower.commit import fold_seed
+from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.params import MODES
+
+MODE_ID = {name: i for i, name in enumerate(MODES)}
+
+# SamplingParams treats temperatures below this as greedy.
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class RequestStats:
+    """How a finished request was generated (reported through the worker's stats RPC)."""
+
+    mode: str
+    nfe: int  # denoiser forward passes
+    blocks: int  # diffusion blocks denoised
+    denoised_tokens: int  # tokens decided by the denoiser
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        return self.denoised_tokens / self.nfe if self.nfe else 0.0
+
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {**asdict(self), "tokens_per_nfe": self.tokens_per_nfe}
+
+
+class RequestTable:
+    """Per-request parameters and counters, one row per slot."""
+
+    #: How many finished requests' stats are kept for the stats RPC.
+    FINISHED_KEPT = 10_000
+
+    def __init__(self, defaults: ServerDefaults, capacity: int = 64) -> None:
+        self.defaults = defaults
+        self.slot_of: dict[str, int] = {}
+        self.finished: OrderedDict[str, RequestStats] = OrderedDict()
+        self.total = RequestStats("all", 0, 0, 0)
+        self._free: list[int] = []
+        self._rng = random.Random()
+        self.capacity = 0
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        def extend(old: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+            new = torch.zeros(capacity, dtype=dtype)
+            if old is not None:
+                new[: old.shape[0]] = old
+            return new
+
+        first = self.capacity == 0
+        long, f32 = torch.int64, torch.float32
+        self.mode = extend(None if first else self.mode, long)
+        self.block_size = extend(None if first else self.block_size, long)
+        self.steps_per_block = extend(None if first else self.steps_per_block, long)
+        self.threshold = extend(None if first else self.threshold, f32)
+        self.temperature = extend(None if first else self.temperature, f32)
+        self.seed = extend(None if first else self.seed, long)
+        #: denoiser forward passes, blocks denoised and tokens the denoiser decided
+        self.nfe = extend(None if first else self.nfe, long)
+        self.blocks = extend(None if first else self.blocks, long)
+        self.decided = extend(None if first else self.decided, long)
+        self._free.extend(range(capacity - 1, self.capacity - 1, -1))
+        self.capacity = capacity
+
+    def slots(self, req_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+        """Slots of ``req_ids`` (``[R]`` int64), registering requests seen for the first time."""
+        out = torch.empty(len(req_ids), dtype=torch.int64)
+        for i, (req_id, sp) in enumerate(zip(req_ids, params, strict=True)):
+            slot = self.slot_of.get(req_id)
+            if slot is None:
+                slot = self._add(req_id, sp)
+            out[i] = slot
+        return out
+
+    def _add(self, req_id: str, sp: SamplingParams) -> int:
+        # Admission already validated the parameters (TwoTowerParamsValidator).
+        params = self.defaults.resolve(sp.extra_args)
+        if not self._free:
+            self._grow(self.capacity * 2)
+        slot = self._free.pop()
+        self.slot_of[req_id] = slot
+        self.mode[slot] = MODE_ID[params.mode]
+        self.block_size[slot] = params.block_size
+        self.steps_per_block[slot] = params.steps_per_block
+        self.threshold[slot] = params.confidence_threshold
+        temperature = sp.temperature if sp.temperature >= _GREEDY_EPS else 0.0
+        self.temperature[slot] = temperature
+        seed = sp.seed if sp.seed is not None else self._rng.getrandbits(64)
+        self.seed[slot] = fold_seed(seed)
+        self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
+        return slot
+
+    def _stats_of(self, slot: int) -> RequestStats:
+        return RequestStats(
+            MODES[int(self.mode[slot])],
+            int(self.nfe[slot]),
+            int(self.blocks[slot]),
+            int(self.decided[slot]),
+        )
+
+    def remove(self, req_id: str) -> None:
+        """Free a request's slot, keeping its final counters in :attr:`finished`."""
+        slot = self.slot_of.pop(req_id, None)
+        if slot is None:
+            return
+        self._free.append(slot)
+        stats = self._stats_of(slot)
+        self.finished[req_id] = stats
+        while len(self.finished) > self.FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        self.total.nfe += stats.nfe
+        self.total.blocks += stats.blocks
+        self.total.denoised_tokens += stats.denoised_tokens
+
+    def stats(self) -> dict[str, object]:
+        """Counters per request and in total (steps per block = NFE / blocks).
+
+        Requests vLLM has not dropped yet are included with their current counters: vLLM tells
+        the runner about a finished request only with the next scheduled step.
+        """
+        live = {r: self._stats_of(slot) for r, slot in self.slot_of.items()}
+        total = RequestStats("all", self.total.nfe, self.total.blocks, self.total.denoised_tokens)
+        for s in live.values():
+            total.nfe += s.nfe
+            total.blocks += s.blocks
+            total.denoised_tokens += s.denoised_tokens
+        return {
+            "requests": {r: s.as_dict() for r, s in {**self.finished, **live}.items()},
+            "aggregate": {
+                **total.as_dict(),
+                "steps_per_block": total.nfe / total.blocks if total.blocks else 0.0,
+            },
+        }

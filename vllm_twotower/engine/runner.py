@@ -1,0 +1,276 @@
+"""The TwoTower model runner: vLLM's V1 runner whose sampling step commits whole blocks.
+
+vLLM's V1 runner does the context tower's work unchanged: each step it runs the scheduled
+tokens (prompt chunks, or the tokens committed at the previous step) through the model, which
+extends the paged KV cache and the Mamba states.  Only ``_sample`` is replaced.  For every
+request whose known tokens have all been consumed in this step (vLLM's ``discard_request_mask``
+marks the others: partial prefills), it produces that request's next tokens by its mode:
+
+* ``ar``: one token from the context tower's logits (``context_lm_head``);
+* ``mask_diffusion``: a whole block.  The blocks of all such requests are denoised together,
+  each with its own mask ratio ``t``, γ, step budget and block size, reading the context tower's
+  caches of this step; rows leave the denoising batch as their blocks complete;
+* ``mock_ar``: one token from the denoiser run on the last token over the context before it.
+
+The tokens go back as the step's sampled tokens, ``[num_reqs, width]`` padded with -1, which
+vLLM's bookkeeping already supports (it is the speculative-decoding format).  The stock
+scheduler appends them, cuts at EOS / ``max_tokens`` / stop strings, and schedules them as the
+next step's input, so the context tower consumes each committed block one step later.
+
+Token choice always goes through :mod:`vllm_twotower.commit` (the commit rule and the
+position-keyed sampling noise), so outputs match the reference implementation token for token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from vllm_twotower.commit import commit_step, noise_row_keys, predict
+from vllm_twotower.engine.config_hook import max_block_size, read_diffusion_defaults
+from vllm_twotower.engine.context_reader import ContextReader
+from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.engine.requests import MODE_ID, RequestTable
+
+# Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
+logger = init_logger(f"vllm.{__name__}")
+
+AR, MASK_DIFFUSION, MOCK_AR = MODE_ID["ar"], MODE_ID["mask_diffusion"], MODE_ID["mock_ar"]
+PLACEHOLDER = -1
+
+
+class TwoTowerRunnerMixin:
+    """Block-committing ``_sample`` for a vLLM V1 GPU/CPU model runner."""
+
+    def _twotower_init(self) -> None:
+        hf_config = self.model_config.hf_config
+        defaults = ServerDefaults.from_hf_config(
+            read_diffusion_defaults(self.model_config.model), max_block_size(hf_config), hf_config
+        )
+        self.tt_requests = RequestTable(defaults, capacity=self.max_num_reqs)
+        self.tt_mask_id = defaults.diffusion.mask_token_id
+        self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        self._tt_reader: ContextReader | None = None
+        self._tt_last_log = 0.0
+
+    @property
+    def tt_reader(self) -> ContextReader:
+        if self._tt_reader is None:
+            self._tt_reader = ContextReader(self)
+        return self._tt_reader
+
+    def _update_states(self, scheduler_output: Any) -> Any:
+        result = super()._update_states(scheduler_output)
+        # Sampling noise comes from the commit module's position-keyed hash, never from
+        # vLLM's per-request torch generators; drop them (vLLM's bookkeeping rewinds their
+        # offset after a partial prefill, which CPU generators do not support).
+        self.input_batch.generators.clear()
+        return result
+
+    def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
+        super()._on_request_state_removed(req_id, req_state)
+        table = self.tt_requests
+        if req_id in table.slot_of:
+            table.remove(req_id)
+            stats = table.finished[req_id]
+            if stats.nfe:
+                logger.info(
+                    "TwoTower request %s (%s): %d denoiser passes, %d blocks, %.2f tokens/pass",
+                    req_id,
+                    stats.mode,
+                    stats.nfe,
+                    stats.blocks,
+                    stats.tokens_per_nfe,
+                )
+            self._tt_log_aggregate()
+
+    def _tt_log_aggregate(self, every_s: float = 10.0) -> None:
+        """Log aggregate tokens per denoiser pass and steps per block, at most every_s."""
+        now = time.monotonic()
+        if now - self._tt_last_log < every_s:
+            return
+        self._tt_last_log = now
+        agg = self.tt_requests.stats()["aggregate"]
+        if agg["nfe"]:
+            logger.info(
+                "TwoTower totals: %d denoiser passes, %d blocks, %.2f tokens/pass, "
+                "%.2f steps/block",
+                agg["nfe"],
+                agg["blocks"],
+                agg["tokens_per_nfe"],
+                agg["steps_per_block"],
+            )
+
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> SamplerOutput:
+        if spec_decode_metadata is not None:
+            raise NotImplementedError("TwoTower does not support speculative decoding")
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = batch.req_ids[:num_reqs]
+        table = self.tt_requests
+        slots = table.slots(req_ids, [self.requests[r].sampling_params for r in req_ids])
+        live = torch.from_numpy(~self.discard_request_mask.np[:num_reqs].astype(bool))
+        seq_lens = self.optimistic_seq_lens_cpu[:num_reqs].long()
+        mode = table.mode[slots]
+        diffusing = live & (mode == MASK_DIFFUSION)
+        width = int(table.block_size[slots[diffusing]].max()) if bool(diffusing.any()) else 1
+        out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int32)
+
+        ar_rows = torch.nonzero(live & (mode == AR)).flatten()
+        if ar_rows.numel():
+            out[ar_rows, 0] = self._sample_ar(
+                logits[ar_rows], slots[ar_rows], seq_lens[ar_rows]
+            ).to(torch.int32)
+        diffusion_rows = torch.nonzero(diffusing).flatten()
+        if diffusion_rows.numel():
+            blocks = self._denoise_blocks(diffusion_rows, slots[diffusion_rows], seq_lens)
+            out[diffusion_rows] = blocks.to(torch.int32)
+        mock_rows = torch.nonzero(live & (mode == MOCK_AR)).flatten()
+        if mock_rows.numel():
+            out[mock_rows, 0] = self._sample_mock_ar(mock_rows, slots[mock_rows], seq_lens)
+
+        # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
+        room = (self.max_model_len - seq_lens).clamp(min=0)
+        out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+
+    def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Before the context pass, keep the Mamba states of mock-AR rows (``_sample_mock_ar``)."""
+        self._tt_mock_snapshot = None
+        num_reqs = self.input_batch.num_reqs
+        if num_reqs:
+            req_ids = self.input_batch.req_ids[:num_reqs]
+            slots = self.tt_requests.slots(
+                req_ids, [self.requests[r].sampling_params for r in req_ids]
+            )
+            live = torch.from_numpy(~self.discard_request_mask.np[:num_reqs].astype(bool))
+            rows = torch.nonzero(live & (self.tt_requests.mode[slots] == MOCK_AR)).flatten()
+            if rows.numel():
+                computed = torch.from_numpy(
+                    self.input_batch.num_computed_tokens_cpu[:num_reqs].astype("int64")
+                )[rows]
+                states = self.tt_reader.read_mamba(rows)
+                # A request with nothing computed yet starts from zero states; its slot may
+                # still hold a previous request's (vLLM's kernels ignore it in that case).
+                fresh = computed == 0
+                for conv, ssm in states.values():
+                    conv[fresh] = 0
+                    ssm[fresh] = 0
+                self._tt_mock_snapshot = (rows, computed, states)
+        return super()._model_forward(*args, **kwargs)
+
+    @torch.inference_mode()
+    def _sample_mock_ar(
+        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Mock-AR: the denoiser on the last token over the context *before* it, no ``t``.
+
+        The keys/values before the last token are the cache's first ``seq_len - 1``; the
+        Mamba states before it are the states kept before this step's context pass, carried
+        through this step's other tokens (a prefill chunk) by a cache-free context pass.
+        """
+        snap_rows, computed, snapshot = self._tt_mock_snapshot
+        assert torch.equal(snap_rows, rows)
+        model = self.get_model()
+        seq = seq_lens[rows]
+        token_ids = self.input_batch.token_ids_cpu
+        states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in snapshot}
+        for r in range(rows.numel()):
+            row_states = {i: (c[r : r + 1], s[r : r + 1]) for i, (c, s) in snapshot.items()}
+            start, end = int(computed[r]), int(seq[r]) - 1
+            if end > start:
+                context = self.tt_reader.read(rows[r : r + 1], computed[r : r + 1])
+                context.mamba = row_states
+                ids = torch.from_numpy(token_ids[int(rows[r]), start:end].astype("int64"))
+                row_states = model.advance_context(ids[None], context)
+            for i, state in row_states.items():
+                states[i].append(state)
+        context = self.tt_reader.read(rows, seq - 1)
+        context.mamba = {
+            i: (torch.cat([c for c, _ in v]), torch.cat([s for _, s in v]))
+            for i, v in states.items()
+        }
+        last = torch.from_numpy(token_ids[rows.numpy(), (seq - 1).numpy()].astype("int64"))
+        logits = model.denoise(last[:, None], context, None)[:, 0]
+        table = self.tt_requests
+        table.nfe[slots] += 1
+        keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
+        tokens, _ = predict(
+            logits, mask_id=None, temperature=table.temperature[slots], row_keys=keys
+        )
+        return tokens.to(torch.int32)
+
+    def _sample_ar(
+        self, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Next token of AR rows; noise keyed by the new token's absolute position, step 0."""
+        table = self.tt_requests
+        device = logits.device
+        keys = noise_row_keys(table.seed[slots], seq_lens, torch.zeros_like(seq_lens))
+        tokens, _ = predict(
+            logits,
+            mask_id=None,
+            temperature=table.temperature[slots].to(device),
+            row_keys=keys.to(device),
+        )
+        return tokens.cpu()
+
+    @torch.inference_mode()
+    def _denoise_blocks(
+        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+    ) -> torch.Tensor:
+        """Denoise one block for each of ``rows`` together; return ``[R, width]`` token ids.
+
+        Positions past a row's own block size hold the pad id (not the mask id), which the
+        commit rule treats as decided, and are emitted as placeholders.
+        """
+        table = self.tt_requests
+        mask_id = self.tt_mask_id
+        block_size = table.block_size[slots]
+        steps_per_block = table.steps_per_block[slots]
+        width = int(block_size.max())
+        inside = torch.arange(width)[None, :] < block_size[:, None]
+        canvas = torch.where(inside, mask_id, self.tt_pad_id).long()
+        block_start = seq_lens[rows]
+        context = self.tt_reader.read(rows, block_start)
+        step = torch.zeros(rows.numel(), dtype=torch.long)
+        model = self.get_model()
+        active = torch.ones(rows.numel(), dtype=torch.bool)
+        while bool(active.any()):
+            idx = torch.nonzero(active).flatten()
+            sub = canvas[idx]
+            masked = (sub == mask_id).sum(dim=-1)
+            t = masked.float() / block_size[idx].float()
+            logits = model.denoise(sub, context.select(idx), t, block_size[idx])
+            s = slots[idx]
+            result = commit_step(
+                logits,
+                sub,
+                mask_id=mask_id,
+                threshold=table.threshold[s],
+                step=step[idx],
+                steps_per_block=steps_per_block[idx],
+                temperature=table.temperature[s],
+                seed=table.seed[s],
+                block_start=block_start[idx],
+            )
+            canvas[idx] = result.canvas
+            step[idx] += 1
+            table.nfe[s] += 1
+            table.decided[s] += result.num_committed
+            active[idx] = (result.canvas == mask_id).any(dim=-1)
+        table.blocks[slots] += 1
+        return torch.where(inside, canvas, PLACEHOLDER)
+
+
+class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, CPUModelRunner):
+    """vLLM's V1 CPU model runner with the TwoTower block step."""
+
+    def __init__(self, vllm_config: Any, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        self._twotower_init()

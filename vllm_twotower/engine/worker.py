@@ -1,0 +1,37 @@
+"""Workers that install the TwoTower model runner (selected by the config hook's ``worker_cls``).
+
+vLLM's workers construct their model runner inside ``init_device`` with no factory hook, so
+these subclasses let the stock ``init_device`` run and then replace the runner before the model
+is loaded (nothing has been allocated on the stock runner that the replacement needs).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+
+class TwoTowerCPUWorker(CPUWorker):
+    """vLLM's CPU worker running :class:`~vllm_twotower.engine.runner.TwoTowerCPUModelRunner`."""
+
+    def init_device(self) -> None:
+        super().init_device()
+        from vllm_twotower.engine.runner import TwoTowerCPUModelRunner
+
+        self.model_runner = TwoTowerCPUModelRunner(self.vllm_config, torch.device("cpu"))
+
+    def twotower_stats(self) -> dict[str, object]:
+        """Denoiser passes and tokens per pass of finished requests, and their totals.
+
+        Public through vLLM's ``LLM.collective_rpc("twotower_stats")``.
+        """
+        return self.model_runner.tt_requests.stats()
+
+
+def __getattr__(name: str) -> type:
+    # The GPU worker imports CUDA-only modules; build it only where it is asked for.
+    if name == "TwoTowerGPUWorker":
+        from vllm_twotower.engine.gpu_worker import TwoTowerGPUWorker
+
+        return TwoTowerGPUWorker
+    raise AttributeError(name)

@@ -1,0 +1,175 @@
+"""Nemotron-H layers run over a block of tokens on top of a read-only context.
+
+Both uses of a TwoTower tower outside vLLM's own forward go through :func:`run_layers`:
+
+* the denoiser pass: a block attends, without a mask, to the context keys/values of the same
+  layer plus the whole block, and its Mamba scans start from the context's states;
+* mock-AR's catch-up of the context tower over a few tokens (causal attention, states kept).
+
+The layers are vLLM's Nemotron-H decoder layers; only their projections, norms and parameters
+are used, never their ``forward`` (which would read and write vLLM's caches).  The
+per-sequence math (causal conv, SSD scan, attention) is the reference implementation's, so the
+engine and the oracle agree on the same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.model_executor.models.nemotron_h import (
+    NemotronHAttentionDecoderLayer,
+    NemotronHMambaDecoderLayer,
+)
+
+from vllm_twotower.reference.attention import attend
+from vllm_twotower.reference.mamba2 import causal_conv1d, ssd_chunk_scan
+
+MambaStates = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class BlockContext:
+    """What a block pass reads of the context tower, for a batch of ``B`` rows.
+
+    ``kv[l] = (k, v, length)``: context keys/values of attention layer ``l``,
+    ``[B, P, kv_heads, head_dim]`` padded to the longest context, and ``length [B]``.
+    ``mamba[l] = (conv, ssm)``: layer ``l``'s conv state ``[B, conv_dim, K-1]`` (oldest input
+    first) and SSM state ``[B, heads, head_dim, N]`` (float32).
+    """
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    mamba: MambaStates
+
+    def select(self, rows: torch.Tensor) -> BlockContext:
+        """The context of a subset of the batch."""
+        return BlockContext(
+            kv={i: (k[rows], v[rows], n[rows]) for i, (k, v, n) in self.kv.items()},
+            mamba={i: (c[rows], s[rows]) for i, (c, s) in self.mamba.items()},
+        )
+
+
+@dataclass(frozen=True)
+class MambaOptions:
+    """Backbone-wide Mamba-2 settings the mixer module does not carry."""
+
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    chunk_size: int = 128
+
+
+def run_layers(
+    layers: nn.ModuleList,
+    x: torch.Tensor,
+    context: BlockContext,
+    *,
+    modulation: torch.Tensor | None,
+    causal: bool,
+    block_lens: torch.Tensor,
+    mamba_options: MambaOptions,
+) -> tuple[torch.Tensor, MambaStates]:
+    """Run ``x [B, S, H]`` through ``layers``; return the output and the final Mamba states.
+
+    ``modulation [L, B, 3, H]`` (shift, scale, gate) applies adaLN-single per layer: before the
+    norm for Mamba / attention layers, after it for feed-forward ones.  Row ``b``'s block is
+    its first ``block_lens[b]`` positions; attention ignores the rest (Mamba is causal and the
+    feed-forward layers per token, so trailing padding cannot reach real positions).
+    """
+    batch, size, _ = x.shape
+    states: MambaStates = {}
+    for i, layer in enumerate(layers):
+        mod = modulation[i][:, :, None, :] if modulation is not None else None  # [B, 3, 1, H]
+        sequence_mixer = isinstance(
+            layer, NemotronHMambaDecoderLayer | NemotronHAttentionDecoderLayer
+        )
+        if mod is None:
+            h = layer.norm(x)
+        elif sequence_mixer:
+            h = layer.norm(x * (1 + mod[:, 1]) + mod[:, 0])
+        else:
+            h = layer.norm(x) * (1 + mod[:, 1]) + mod[:, 0]
+        if isinstance(layer, NemotronHMambaDecoderLayer):
+            out, states[i] = _mamba(layer.mixer, h, *context.mamba[i], mamba_options)
+        elif isinstance(layer, NemotronHAttentionDecoderLayer):
+            out = _attention(layer.mixer, h, *context.kv[i], block_lens, causal)
+        else:
+            out = layer.mixer(h.reshape(batch * size, -1)).view_as(h)
+        x = x + (mod[:, 2] * out if mod is not None else out)
+    return x, states
+
+
+def _attention(
+    mixer: nn.Module,
+    h: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    lengths: torch.Tensor,
+    block_lens: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    batch, size, _ = h.shape
+    qkv, _ = mixer.qkv_proj(h.reshape(batch * size, -1))
+    q, k, v = qkv.split([mixer.q_size, mixer.kv_size, mixer.kv_size], dim=-1)
+    q = q.view(batch, size, mixer.num_heads, mixer.head_dim)
+    k = k.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
+    v = v.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        n, m = int(lengths[b]), int(block_lens[b])
+        keys = torch.cat([ctx_k[b, :n].to(k.dtype), k[b, :m]])
+        values = torch.cat([ctx_v[b, :n].to(v.dtype), v[b, :m]])
+        out[b, :m] = attend(q[b, :m], keys, values, causal=causal, scale=mixer.scaling)
+    result, _ = mixer.o_proj(out.reshape(batch * size, -1))
+    return result.view(batch, size, -1)
+
+
+def _mamba(
+    mixer: nn.Module,
+    h: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    options: MambaOptions,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    batch, size, _ = h.shape
+    proj, _ = mixer.in_proj(h.reshape(batch * size, -1))
+    z, xbc, dt = torch.split(
+        proj.view(batch, size, -1),
+        [mixer.tped_intermediate_size, mixer.tped_conv_size, mixer.tped_dt_size],
+        dim=-1,
+    )
+    heads = mixer.tped_dt_size
+    head_dim = mixer.tped_intermediate_size // heads
+    # MambaMixer2 keeps the conv weight as `conv_weights [conv_dim, K]`: vLLM may repack the
+    # conv1d linear's own weight after loading.
+    conv_weight = mixer.conv_weights.unsqueeze(1)
+    ys, convs, ssms = [], [], []
+    for b in range(batch):
+        conv_out, conv_b = causal_conv1d(
+            xbc[b], conv_weight, mixer.conv1d.bias, conv_state[b].to(xbc.dtype)
+        )
+        x, bm, cm = mixer.split_hidden_states_B_C_fn(F.silu(conv_out))
+        groups = bm.shape[-1] // mixer.ssm_state_size
+
+        def per_head(m: torch.Tensor, groups: int = groups) -> torch.Tensor:
+            m = m.reshape(size, groups, mixer.ssm_state_size).float()
+            return m.repeat_interleave(heads // groups, dim=1)
+
+        step = F.softplus(dt[b].float() + mixer.dt_bias.float()).clamp(*options.time_step_limit)
+        xh = x.reshape(size, heads, head_dim).float()
+        y, ssm_b = ssd_chunk_scan(
+            xh,
+            step,
+            mixer.A.float(),
+            per_head(bm),
+            per_head(cm),
+            ssm_state[b].float(),
+            options.chunk_size,
+        )
+        ys.append(y + mixer.D.float()[:, None] * xh)
+        convs.append(conv_b)
+        ssms.append(ssm_b)
+    y = torch.stack(ys).reshape(batch * size, -1).to(h.dtype)
+    y = mixer.norm(y, z.reshape(batch * size, -1))
+    out, _ = mixer.out_proj(y)
+    return out.view(batch, size, -1), (torch.stack(convs), torch.stack(ssms))
