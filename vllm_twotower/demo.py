@@ -1,10 +1,11 @@
-"""The main job: generate with the embedded default checkpoint in every mode and report speed.
+"""The main job: serve the embedded default checkpoint through vLLM in every mode, side by side.
 
-    python -m vllm_twotower.demo [--checkpoint DIR] [--max-new-tokens N] [--num-prompts K]
+    python -m vllm_twotower.demo [--checkpoint DIR] [--num-prompts K] [--max-new-tokens N]
 
-Prompts come from the synthetic task corpus' test split.  Until the vLLM engine path lands this
-runs the pure-PyTorch reference implementation; it prints each completion, the denoiser passes
-(NFE), tokens per pass and throughput per mode.
+Prompts come from the synthetic task corpus' test split.  One offline ``LLM`` engine runs the
+same prompts as ``mask_diffusion``, ``mock_ar`` and ``ar`` requests (per-request
+``extra_args``) and prints, per mode, a few completions, exact-match accuracy, throughput and
+the denoiser passes (NFE) with tokens per pass, read from the plugin's stats RPC.
 """
 
 from __future__ import annotations
@@ -13,49 +14,46 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
-from vllm_twotower.data import generate_split, load_tokenizer
-from vllm_twotower.params import MODES, TwoTowerParams
-from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
+from vllm_twotower.data import accuracy_by_family, generate_split
+from vllm_twotower.params import MODES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--show", type=int, default=4, help="completions printed per mode")
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = TwoTowerModel.from_pretrained(args.checkpoint)
-    tokenizer = load_tokenizer(args.checkpoint)
+    from vllm import LLM, SamplingParams  # imported late: `--help` needs no engine
+
+    llm = LLM(model=str(args.checkpoint), max_model_len=512, enforce_eager=True, seed=0)
     examples = generate_split("test", args.num_prompts, seed=0)
-    prompts = [tokenizer.encode(e.prompt).ids for e in examples]
-    defaults = model.config.diffusion
-    print(f"checkpoint: {args.checkpoint} (layers {model.config.pattern})")
+    prompts = [e.prompt for e in examples]
+    print(f"checkpoint: {args.checkpoint}, {len(prompts)} prompts, greedy")
     for mode in MODES:
-        params = TwoTowerParams(
-            mode=mode,
-            block_size=defaults.block_size,
-            steps_per_block=defaults.steps_per_block,
-            confidence_threshold=defaults.confidence_threshold,
+        params = SamplingParams(
+            max_tokens=args.max_new_tokens, temperature=0.0, extra_args={"mode": mode}
         )
+        before = llm.collective_rpc("twotower_stats")[0]["aggregate"]
         start = time.perf_counter()
-        results = generate(model, prompts, params, SamplingSpec(args.max_new_tokens))
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        tokens = sum(len(r.output_ids) for r in results)
-        nfe = sum(r.nfe for r in results)
-        per_pass = f"{tokens / nfe:.2f} tokens/pass" if nfe else "no denoiser passes"
+        after = llm.collective_rpc("twotower_stats")[0]["aggregate"]
+        texts = [o.outputs[0].text for o in outputs]
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        nfe = after["nfe"] - before["nfe"]
+        accuracy = accuracy_by_family(examples, texts)["all"]
+        per_pass = f"{tokens / nfe:.2f} tokens per denoiser pass" if nfe else "no denoiser"
         print(
             f"\n== {mode}: {tokens} tokens in {elapsed:.2f}s ({tokens / elapsed:.1f} tok/s), "
-            f"{nfe} denoiser passes, {per_pass}"
+            f"exact match {100 * accuracy:.1f}%, {nfe} denoiser passes, {per_pass}"
         )
-        for example, result in zip(examples, results, strict=True):
-            text = tokenizer.decode(result.output_ids, skip_special_tokens=False)
-            print(f"  {example.prompt!r} -> {text!r}")
+        for example, text in list(zip(examples, texts, strict=True))[: args.show]:
+            print(f"  {example.prompt!r} -> {text!r}  (expected {example.answer!r})")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM on CPU spawns its engine processes
     main()
