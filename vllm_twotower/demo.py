@@ -29,7 +29,15 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams  # imported late: `--help` needs no engine
 
-    llm = LLM(model=str(args.checkpoint), max_model_len=512, enforce_eager=True, seed=0)
+    # On CPU, gpu_memory_utilization is the share of host memory vLLM reserves; the embedded
+    # model needs a few MB, so take a tenth rather than vLLM's default 92%.
+    llm = LLM(
+        model=str(args.checkpoint),
+        max_model_len=512,
+        enforce_eager=True,
+        gpu_memory_utilization=0.1,
+        seed=0,
+    )
     examples = generate_split("test", args.num_prompts, seed=0)
     prompts = [e.prompt for e in examples]
     print(f"checkpoint: {args.checkpoint}, {len(prompts)} prompts, greedy")

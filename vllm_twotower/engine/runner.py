@@ -78,8 +78,8 @@ class TwoTowerRunnerMixin:
         if req_id in table.slot_of:
             table.remove(req_id)
             stats = table.finished[req_id]
-            if stats.nfe:
-                logger.info(
+            if stats.nfe:  # per request at debug level: a busy server finishes many per second
+                logger.debug(
                     "TwoTower request %s (%s): %d denoiser passes, %d blocks, %.2f tokens/pass",
                     req_id,
                     stats.mode,
