@@ -25,7 +25,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 
 from vllm_twotower.model.blockwise import BlockContext, MambaOptions, run_layers
-from vllm_twotower.reference.model import TimestepEmbedder
+from vllm_twotower.reference.model import TimestepEmbedder, adaln_modulation
 
 
 def mamba_options(config: object) -> MambaOptions:
@@ -94,9 +94,7 @@ class DenoiserTower(nn.Module):
 
     def modulation(self, t: torch.Tensor) -> torch.Tensor:
         """adaLN parameters ``[L, B, 3, H]`` (shift, scale, gate) for mask ratios ``t [B]``."""
-        t_emb = self.t_block(self.t_embedder(t)).view(t.shape[0], 3, -1)
-        tables = torch.stack(list(self.scale_shift_tables))  # [L, 3, H]
-        return tables[:, None] + t_emb[None]
+        return adaln_modulation(self.t_embedder, self.t_block, self.scale_shift_tables, t)
 
     def forward(
         self,

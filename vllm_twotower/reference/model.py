@@ -8,6 +8,7 @@ Module names mirror the checkpoint (``context_tower.*``, ``context_lm_head``,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,18 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_embedding(t).to(self.mlp[0].weight.dtype))
+
+
+def adaln_modulation(
+    t_embedder: nn.Module, t_block: nn.Module, tables: Iterable[torch.Tensor], t: torch.Tensor
+) -> torch.Tensor:
+    """adaLN-single parameters ``[L, B, 3, H]`` (shift, scale, gate) for mask ratios ``t [B]``.
+
+    ``shift, scale, gate = scale_shift_tables[l] + t_block(t_embedder(t)).view(3, H)``; the one
+    definition the reference, the training code and the engine's denoiser all use.
+    """
+    t_emb = t_block(t_embedder(t)).view(t.shape[0], 3, -1)
+    return torch.stack(list(tables))[:, None] + t_emb[None]
 
 
 class TwoTowerModel(nn.Module):
@@ -96,9 +109,9 @@ class TwoTowerModel(nn.Module):
     # -- denoiser tower -------------------------------------------------------------------
     def time_modulation(self, t: float) -> torch.Tensor:
         """Per-layer adaLN parameters ``[L, 3, H]`` (shift, scale, gate) for mask ratio ``t``."""
-        t_emb = self.t_block(self.t_embedder(torch.tensor([t], device=self.device)))
-        tables = torch.stack(list(self.scale_shift_tables))
-        return tables + t_emb.view(1, 3, -1)
+        t_batch = torch.tensor([t], device=self.device)
+        per_row = adaln_modulation(self.t_embedder, self.t_block, self.scale_shift_tables, t_batch)
+        return per_row[:, 0]
 
     def denoise(self, canvas: torch.Tensor, context: ContextState, t: float | None) -> torch.Tensor:
         """Denoiser logits ``[S, V]`` (float32) for the block ``canvas [S]`` after ``context``.
