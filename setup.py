@@ -69,8 +69,14 @@ def _extensions() -> tuple[list, dict]:
 
 
 def _optional_build_ext(cpp_extension: object) -> type:
-    """torch's ``BuildExtension``, but a failed compile warns instead of failing the install."""
-    base = cpp_extension.BuildExtension.with_options(use_ninja=False)
+    """torch's ``BuildExtension``, but a failed compile warns instead of failing the install.
+
+    Sources compile one by one unless ``TWOTOWER_USE_NINJA=1`` (parallel, ``MAX_JOBS``), which
+    the GPU check uses: the CUDA build is minutes long when serial.
+    """
+    base = cpp_extension.BuildExtension.with_options(
+        use_ninja=os.environ.get("TWOTOWER_USE_NINJA") == "1"
+    )
 
     class OptionalBuildExtension(base):
         def build_extension(self, ext: object) -> None:

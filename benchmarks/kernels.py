@@ -8,10 +8,13 @@ Usage::
 
     python benchmarks/kernels.py            # full shapes; rewrites the table in docs/kernels.md
     python benchmarks/kernels.py --smoke    # tiny shapes, a few seconds; prints only (CI)
+    python benchmarks/kernels.py --device cuda --no-write   # the CUDA kernels (GPU check)
 
 Timings are medians of interleaved runs after one warm-up (a variant slower than ``SLOW_S`` runs
-once), on whatever CPU runs this (threads: ``torch.get_num_threads()``); the machine is named in
-the output.  The MoE weights of the real
+once), on whatever CPU runs this (threads: ``torch.get_num_threads()``) or, with ``--device
+cuda``, on the GPU (each timing synchronises the device); the machine is named in the output.
+Commit rows also give the kernel's effective bandwidth: logit bytes read per second, the bound
+a one-pass kernel is held to.  The MoE weights of the real
 layer are 5 GB in float32; when the machine has too little free memory the expert count is
 reduced and the table says so.
 """
@@ -48,6 +51,7 @@ class Row:
     kernel: str
     shape: str
     timings: dict[str, float]  # name -> seconds; the first entry is the compiled kernel
+    bytes_read: int | None = None  # input bytes a one-pass kernel must read (bandwidth column)
 
     def markdown(self, baselines: list[str]) -> str:
         ours = next(iter(self.timings.values()))
@@ -55,18 +59,30 @@ class Row:
         for name in baselines:
             t = self.timings.get(name)
             cells += ["–", "–"] if t is None else [f"{t * 1e3:.2f}", f"{t / ours:.1f}×"]
+        cells.append("–" if self.bytes_read is None else f"{self.bytes_read / ours / 1e9:.0f}")
         return "| " + " | ".join(cells) + " |"
 
 
-def measure(variants: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    variants: dict[str, Callable[[], object]], *, repeats: int, device: torch.device
+) -> dict[str, float]:
     """Median wall time of each variant, runs interleaved so that load from other processes hits
     every variant alike.  Each runs once as a warm-up; a variant slower than ``SLOW_S`` is not
     repeated (its warm-up time is reported), and the others repeat within ``BUDGET_S``."""
-    times: dict[str, list[float]] = {}
-    for name, fn in variants.items():
+
+    def timed(fn: Callable[[], object]) -> float:
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        times[name] = [time.perf_counter() - start]
+        synchronize(device)
+        return time.perf_counter() - start
+
+    times = {name: [timed(fn)] for name, fn in variants.items()}
     repeat = {name: t[0] < SLOW_S for name, t in times.items()}
     per_round = sum(t[0] for name, t in times.items() if repeat[name])
     rounds = max(1, min(repeats, int(BUDGET_S / max(per_round, 1e-9))))
@@ -75,20 +91,24 @@ def measure(variants: dict[str, Callable[[], object]], *, repeats: int) -> dict[
             if repeat[name]:
                 if len(times[name]) == 1 and rounds > 1:
                     times[name].clear()  # drop the warm-up once there are real runs
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def commit_row(
-    batch: int, positions: int, vocab: int, dtype: torch.dtype, sampling: bool, repeats: int
+    batch: int,
+    positions: int,
+    vocab: int,
+    dtype: torch.dtype,
+    sampling: bool,
+    repeats: int,
+    device: torch.device,
 ) -> Row:
     """One commit step over fully masked canvases (every position predicted)."""
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(batch, positions, vocab, generator=gen) * 3).to(dtype)
     canvas = torch.full((batch, positions), MASK_ID)
-    args = {
+    args: dict[str, Any] = {
         "mask_id": MASK_ID,
         "threshold": torch.full((batch,), 0.8),
         "step": torch.zeros(batch, dtype=torch.long),
@@ -97,16 +117,19 @@ def commit_row(
         "seed": torch.arange(batch),
         "block_start": torch.zeros(batch, dtype=torch.long),
     }
+    logits, canvas = logits.to(device), canvas.to(device)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     timings = measure(
         {
             "kernel": lambda: commit_step(logits, canvas, **args),
             "torch fallback": lambda: commit_step_torch(logits, canvas, **args),
         },
         repeats=repeats,
+        device=device,
     )
     mode = "sampled T=0.7" if sampling else "greedy"
     shape = f"{batch}×{positions} rows × V {vocab}, {str(dtype)[6:]}, {mode}"
-    return Row("commit_step", shape, timings)
+    return Row("commit_step", shape, timings, bytes_read=logits.nbytes)
 
 
 def per_token_moe(hidden: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -141,7 +164,14 @@ def available_bytes() -> int:
 
 
 def moe_row(
-    tokens: int, experts: int, top_k: int, hidden: int, width: int, shared: int, repeats: int
+    tokens: int,
+    experts: int,
+    top_k: int,
+    hidden: int,
+    width: int,
+    shared: int,
+    repeats: int,
+    device: torch.device,
 ) -> Row:
     """One MoE layer in float32; fewer experts than asked when memory is short."""
     wanted = experts
@@ -158,7 +188,8 @@ def moe_row(
         "routed_scaling_factor": 2.5,
         "norm_topk_prob": True,
     }
-    x = torch.randn(tokens, hidden, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen).to(device)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     timings = measure(
         {
             "kernel": lambda: moe_forward(x, **kw),
@@ -166,23 +197,30 @@ def moe_row(
             "per-token torch": lambda: per_token_moe(x, **kw),
         },
         repeats=repeats,
+        device=device,
     )
     note = "" if experts == wanted else f" (reduced from {wanted}: memory)"
     shape = f"{tokens} tok, E {experts}{note} top-{top_k}, H {hidden}, I {width}, shared {shared}"
     return Row("moe_forward", shape, timings)
 
 
-def table(rows: list[Row]) -> str:
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+
+
+def table(rows: list[Row], device: torch.device) -> str:
     baselines = ["torch fallback", "per-token torch"]
     head = "| kernel | shape | kernel ms | " + " | ".join(
         f"{b} ms | speedup vs {b}" for b in baselines
     )
-    lines = [head + " |", "|" + "---|" * (3 + 2 * len(baselines))]
+    lines = [head + " | kernel GB/s read |", "|" + "---|" * (4 + 2 * len(baselines))]
     lines += [row.markdown(baselines) for row in rows]
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
-    )
+    machine = machine_name(device)
     return "\n".join([*lines, "", f"Measured on: {machine}."])
 
 
@@ -191,7 +229,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, print only (CI)")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not extension_available():
@@ -218,11 +258,11 @@ def main() -> None:
             (16, 16, 4, 512, 256, 512),
         ]
         repeats = 5
-    rows = [commit_row(*cfg, repeats) for cfg in commit_cfg]
-    rows += [moe_row(*cfg, repeats) for cfg in moe_cfg]
-    text = table(rows)
+    rows = [commit_row(*cfg, repeats, device) for cfg in commit_cfg]
+    rows += [moe_row(*cfg, repeats, device) for cfg in moe_cfg]
+    text = table(rows, device)
     print(text)
-    if not args.smoke and not args.no_write:
+    if not args.smoke and not args.no_write and device.type == "cpu":
         doc = DOC.read_text()
         start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
         DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])

@@ -1,0 +1,261 @@
+"""Offline throughput of the vLLM path in every mode, side by side, and of the reference.
+
+    python benchmarks/throughput.py                 # batch 1, 8, 32; rewrites docs/performance.md
+    python benchmarks/throughput.py --smoke         # a few prompts, batch 1 and 2; prints only (CI)
+    python benchmarks/throughput.py --reference-only --device cuda   # the reference on a GPU
+
+One ``LLM`` engine on the embedded checkpoint serves the same test-split prompts as
+``mask_diffusion``, ``mock_ar`` and ``ar`` requests (greedy, per-request ``extra_args``).  For a
+batch size ``B`` the prompts go in waves of ``B`` (one ``LLM.generate`` call per wave and mode,
+modes interleaved wave by wave, so that load from other processes hits every mode alike); the
+engine admits up to ``max(batch sizes)`` sequences, so a wave runs as one continuous batch that
+drains as its requests finish.  Requests stop at EOS (the tasks' answers are 2 to 13 tokens plus
+EOS) or at ``--max-tokens``; the table gives the mean output length per mode so that a reader can
+see that the modes did the same work.  Reported per mode and batch size:
+
+* output tokens/s, and its ratio to AR's in the same waves (the headline);
+* tokens per denoiser pass (NFE) and passes per block, from the plugin's stats RPC;
+* ms per block: wall time per block of one request stream (``wall × B / blocks``).
+
+The reference implementation (:func:`vllm_twotower.reference.generate`, one request at a time)
+runs the same prompts at batch 1, giving the engine-vs-reference ratio.  Timings are wall clock
+on whatever machine runs this, which the output names; ratios, not absolute times, are what
+transfers between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
+from vllm_twotower.data import generate_split, load_tokenizer
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, TwoTowerParams
+from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+
+
+@dataclass
+class Measurement:
+    """One mode at one batch size (or the reference): totals over all its waves."""
+
+    label: str
+    mode: str
+    batch: int
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    nfe: int = 0
+    blocks: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def cells(self, ar: Measurement | None) -> list[str]:
+        ratio = f"{self.tokens_per_s / ar.tokens_per_s:.2f}" if ar and ar.tokens_per_s else "–"
+        per_pass = f"{self.tokens / self.nfe:.2f}" if self.nfe else "–"
+        per_block = f"{self.nfe / self.blocks:.2f}" if self.blocks else "–"
+        block_ms = f"{1e3 * self.seconds * self.batch / self.blocks:.1f}" if self.blocks else "–"
+        return [
+            self.label,
+            self.mode,
+            str(self.batch),
+            str(self.requests),
+            f"{self.tokens / max(self.requests, 1):.1f}",
+            f"{self.tokens_per_s:.1f}",
+            ratio,
+            per_pass,
+            per_block,
+            block_ms,
+        ]
+
+
+HEADER = [
+    "path",
+    "mode",
+    "batch",
+    "requests",
+    "mean output tokens",
+    "output tok/s",
+    "× AR",
+    "tokens/pass",
+    "passes/block",
+    "ms/block",
+]
+
+
+def test_prompts(count: int, checkpoint: Path) -> list[list[int]]:
+    """Token ids of ``count`` test-split prompts (all task families, seed 0)."""
+    tokenizer = load_tokenizer(checkpoint)
+    return [tokenizer.encode(e.prompt).ids for e in generate_split("test", count, seed=0)]
+
+
+def measure_reference(
+    checkpoint: Path, prompts: list[list[int]], max_tokens: int, device: torch.device
+) -> list[Measurement]:
+    """The reference implementation, one request at a time, in every mode."""
+    model = TwoTowerModel.from_pretrained(checkpoint).to(device)
+    defaults = model.config.diffusion
+    results = []
+    for mode in (MASK_DIFFUSION, MOCK_AR, AR):
+        params = TwoTowerParams(
+            mode=mode,
+            block_size=defaults.block_size,
+            steps_per_block=defaults.steps_per_block,
+            confidence_threshold=defaults.confidence_threshold,
+        )
+        row = Measurement("reference", mode, batch=1)
+        generate(model, prompts[:1], params, SamplingSpec(max_new_tokens=max_tokens))  # warm-up
+        for prompt in prompts:
+            start = time.perf_counter()
+            (out,) = generate(model, [prompt], params, SamplingSpec(max_new_tokens=max_tokens))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            row.seconds += time.perf_counter() - start
+            row.requests += 1
+            row.tokens += len(out.output_ids)
+            row.nfe += out.nfe
+            if mode == MASK_DIFFUSION:  # whole blocks are denoised, then the output is cut
+                row.blocks += -(-len(out.output_ids) // params.block_size)
+        results.append(row)
+    return results
+
+
+def measure_engine(
+    checkpoint: Path, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int
+) -> list[Measurement]:
+    """The vLLM path: every mode at every batch size on one engine."""
+    from vllm import LLM, SamplingParams  # imported late: --reference-only needs no vLLM
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=str(checkpoint),
+        max_model_len=512,
+        max_num_seqs=max(batch_sizes),
+        enforce_eager=True,
+        gpu_memory_utilization=0.1,  # on CPU: the share of host memory for the KV cache
+        seed=0,
+    )
+
+    def stats() -> dict[str, Any]:
+        return llm.collective_rpc("twotower_stats")[0]["aggregate"]
+
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    results = []
+    for batch in batch_sizes:
+        waves = max(2, len(prompts) // batch)
+        rows = {m: Measurement("vLLM", m, batch) for m in MODES}
+        for w in range(waves):
+            wave = [inputs[(w * batch + i) % len(inputs)] for i in range(batch)]
+            for mode, row in rows.items():
+                params = SamplingParams(
+                    max_tokens=max_tokens, temperature=0.0, extra_args={"mode": mode}
+                )
+                before = stats()
+                start = time.perf_counter()
+                outputs = llm.generate(wave, params, use_tqdm=False)
+                row.seconds += time.perf_counter() - start
+                after = stats()
+                row.requests += len(outputs)
+                row.tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+                row.nfe += after["nfe"] - before["nfe"]
+                row.blocks += after["blocks"] - before["blocks"]
+        results += rows.values()
+    return results
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, reference with {torch.get_num_threads()} thread(s)"
+    )
+
+
+def table(rows: list[Measurement]) -> str:
+    """Markdown table; each row's ratio is against AR on the same path and batch size."""
+    ar_of = {(r.label, r.batch): r for r in rows if r.mode == AR}
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells(ar_of.get((r.label, r.batch)))) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary(rows: list[Measurement]) -> list[str]:
+    """The headline ratios: diffusion vs AR per batch size, engine vs reference at batch 1."""
+    lookup = {(r.label, r.mode, r.batch): r for r in rows}
+    lines = []
+    for r in rows:
+        ar = lookup.get((r.label, AR, r.batch))
+        if r.mode == MASK_DIFFUSION and ar and ar.tokens_per_s:
+            lines.append(
+                f"- {r.label}, batch {r.batch}: diffusion / AR = "
+                f"{r.tokens_per_s / ar.tokens_per_s:.2f}×"
+            )
+    engine = lookup.get(("vLLM", MASK_DIFFUSION, 1))
+    ref = lookup.get(("reference", MASK_DIFFUSION, 1))
+    if engine and ref and ref.tokens_per_s:
+        lines.append(
+            f"- diffusion at batch 1: vLLM path / reference = "
+            f"{engine.tokens_per_s / ref.tokens_per_s:.2f}×"
+        )
+    return lines
+
+
+def write_section(text: str) -> None:
+    """Replace the marked section of ``docs/performance.md`` (hand-written parts are kept)."""
+    doc = DOC.read_text()
+    start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+    DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--num-prompts", type=int, default=32, help="distinct prompts cycled")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="reference's torch threads")
+    parser.add_argument("--device", default="cpu", help="the reference's device")
+    parser.add_argument("--reference-only", action="store_true", help="skip the vLLM engine")
+    parser.add_argument("--smoke", action="store_true", help="tiny run, print only (CI)")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.smoke:
+        args.batch_sizes, args.num_prompts, args.max_tokens = [1, 2], 2, 8
+
+    prompts = test_prompts(args.num_prompts, args.checkpoint)
+    rows = measure_reference(args.checkpoint, prompts, args.max_tokens, device)
+    if not args.reference_only:
+        rows = measure_engine(args.checkpoint, prompts, args.batch_sizes, args.max_tokens) + rows
+    text = "\n".join(
+        [
+            table(rows),
+            "",
+            *summary(rows),
+            "",
+            f"Measured on: {machine(device)}; `{args.num_prompts}` test prompts, greedy, "
+            f"`max_tokens` {args.max_tokens}, γ from the checkpoint's `generation_config.json`.",
+        ]
+    )
+    print(text)
+    if not (args.smoke or args.no_write or args.reference_only):
+        write_section(text)
+        print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":  # vLLM on CPU spawns its engine processes
+    main()
