@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
+from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split, load_tokenizer
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, TwoTowerParams
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
@@ -139,14 +139,7 @@ def measure_engine(
     from vllm import LLM, SamplingParams  # imported late: --reference-only needs no vLLM
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=str(checkpoint),
-        max_model_len=512,
-        max_num_seqs=max(batch_sizes),
-        enforce_eager=True,
-        gpu_memory_utilization=0.1,  # on CPU: the share of host memory for the KV cache
-        seed=0,
-    )
+    llm = LLM(model=str(checkpoint), max_num_seqs=max(batch_sizes), **EMBEDDED_ENGINE_ARGS)
 
     def stats() -> dict[str, Any]:
         return llm.collective_rpc("twotower_stats")[0]["aggregate"]

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
+from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import accuracy_by_family, generate_split
 from vllm_twotower.params import MODES
 
@@ -29,15 +29,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams  # imported late: `--help` needs no engine
 
-    # On CPU, gpu_memory_utilization is the share of host memory vLLM reserves; the embedded
-    # model needs a few MB, so take a tenth rather than vLLM's default 92%.
-    llm = LLM(
-        model=str(args.checkpoint),
-        max_model_len=512,
-        enforce_eager=True,
-        gpu_memory_utilization=0.1,
-        seed=0,
-    )
+    llm = LLM(model=str(args.checkpoint), **EMBEDDED_ENGINE_ARGS)
     examples = generate_split("test", args.num_prompts, seed=0)
     prompts = [e.prompt for e in examples]
     print(f"checkpoint: {args.checkpoint}, {len(prompts)} prompts, greedy")

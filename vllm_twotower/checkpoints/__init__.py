@@ -17,3 +17,17 @@ TWOTOWER_TASKS = _HERE / "twotower-tasks"
 
 #: What the main job, the examples and the benchmarks load when no checkpoint is named.
 DEFAULT_CHECKPOINT = TWOTOWER_TASKS
+
+#: ``LLM(...)`` arguments the main job, examples and benchmarks use for the embedded checkpoint.
+#: ``dtype``: the checkpoint is float32, which vLLM downcasts to bfloat16 by default; on CPUs
+#: without native bfloat16 (AVX2 only) that makes this model about 2.5× slower, and the
+#: reference the engine is compared with runs in float32.  ``gpu_memory_utilization``: on CPU it
+#: is the share of host memory vLLM reserves for its caches; the model needs a few MB, and
+#: vLLM's default (92 %) fails beside other processes.
+EMBEDDED_ENGINE_ARGS: dict[str, object] = {
+    "dtype": "float32",
+    "max_model_len": 512,
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.1,
+    "seed": 0,
+}

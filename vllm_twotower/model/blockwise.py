@@ -8,8 +8,10 @@ Both uses of a TwoTower tower outside vLLM's own forward go through :func:`run_l
 
 The layers are vLLM's Nemotron-H decoder layers; only their projections, norms and parameters
 are used, never their ``forward`` (which would read and write vLLM's caches).  The
-per-sequence math (causal conv, SSD scan, attention) is the reference implementation's, so the
-engine and the oracle agree on the same inputs.
+sequence math (causal conv, SSD scan, attention) is the reference implementation's, so the
+engine and the oracle agree on the same inputs; every row of the batch goes through each of
+them in one call (contexts padded to one length and masked), so a pass costs the same number
+of operations at any batch size.
 """
 
 from __future__ import annotations
@@ -108,18 +110,27 @@ def _attention(
     block_lens: torch.Tensor,
     causal: bool,
 ) -> torch.Tensor:
+    """Joint attention of every row's block over its context and its block, in one call.
+
+    Keys are ``concat(context padded to P, block)``; each row's padding (context positions past
+    its length, block positions past its block) is masked out.
+    """
     batch, size, _ = h.shape
     qkv, _ = mixer.qkv_proj(h.reshape(batch * size, -1))
     q, k, v = qkv.split([mixer.q_size, mixer.kv_size, mixer.kv_size], dim=-1)
     q = q.view(batch, size, mixer.num_heads, mixer.head_dim)
     k = k.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
     v = v.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
-    out = torch.zeros_like(q)
-    for b in range(batch):
-        n, m = int(lengths[b]), int(block_lens[b])
-        keys = torch.cat([ctx_k[b, :n].to(k.dtype), k[b, :m]])
-        values = torch.cat([ctx_v[b, :n].to(v.dtype), v[b, :m]])
-        out[b, :m] = attend(q[b, :m], keys, values, causal=causal, scale=mixer.scaling)
+    keys = torch.cat([ctx_k.to(k.dtype), k], dim=1)
+    values = torch.cat([ctx_v.to(v.dtype), v], dim=1)
+    key_mask = torch.cat(
+        [
+            torch.arange(ctx_k.shape[1])[None, :] < lengths[:, None],
+            torch.arange(size)[None, :] < block_lens[:, None],
+        ],
+        dim=1,
+    ).to(h.device)
+    out = attend(q, keys, values, causal=causal, scale=mixer.scaling, key_mask=key_mask)
     result, _ = mixer.o_proj(out.reshape(batch * size, -1))
     return result.view(batch, size, -1)
 
@@ -131,6 +142,7 @@ def _mamba(
     ssm_state: torch.Tensor,
     options: MambaOptions,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The Mamba-2 mixer over every row's block from its context states, in one batched scan."""
     batch, size, _ = h.shape
     proj, _ = mixer.in_proj(h.reshape(batch * size, -1))
     z, xbc, dt = torch.split(
@@ -143,33 +155,28 @@ def _mamba(
     # MambaMixer2 keeps the conv weight as `conv_weights [conv_dim, K]`: vLLM may repack the
     # conv1d linear's own weight after loading.
     conv_weight = mixer.conv_weights.unsqueeze(1)
-    ys, convs, ssms = [], [], []
-    for b in range(batch):
-        conv_out, conv_b = causal_conv1d(
-            xbc[b], conv_weight, mixer.conv1d.bias, conv_state[b].to(xbc.dtype)
-        )
-        x, bm, cm = mixer.split_hidden_states_B_C_fn(F.silu(conv_out))
-        groups = bm.shape[-1] // mixer.ssm_state_size
+    conv_out, conv_final = causal_conv1d(
+        xbc, conv_weight, mixer.conv1d.bias, conv_state.to(xbc.dtype)
+    )
+    x, bm, cm = mixer.split_hidden_states_B_C_fn(F.silu(conv_out))
+    groups = bm.shape[-1] // mixer.ssm_state_size
 
-        def per_head(m: torch.Tensor, groups: int = groups) -> torch.Tensor:
-            m = m.reshape(size, groups, mixer.ssm_state_size).float()
-            return m.repeat_interleave(heads // groups, dim=1)
+    def per_head(m: torch.Tensor) -> torch.Tensor:
+        m = m.reshape(batch, size, groups, mixer.ssm_state_size).float()
+        return m.repeat_interleave(heads // groups, dim=-2)
 
-        step = F.softplus(dt[b].float() + mixer.dt_bias.float()).clamp(*options.time_step_limit)
-        xh = x.reshape(size, heads, head_dim).float()
-        y, ssm_b = ssd_chunk_scan(
-            xh,
-            step,
-            mixer.A.float(),
-            per_head(bm),
-            per_head(cm),
-            ssm_state[b].float(),
-            options.chunk_size,
-        )
-        ys.append(y + mixer.D.float()[:, None] * xh)
-        convs.append(conv_b)
-        ssms.append(ssm_b)
-    y = torch.stack(ys).reshape(batch * size, -1).to(h.dtype)
+    step = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*options.time_step_limit)
+    xh = x.reshape(batch, size, heads, head_dim).float()
+    y, ssm_final = ssd_chunk_scan(
+        xh,
+        step,
+        mixer.A.float(),
+        per_head(bm),
+        per_head(cm),
+        ssm_state.float(),
+        options.chunk_size,
+    )
+    y = (y + mixer.D.float()[:, None] * xh).reshape(batch * size, -1).to(h.dtype)
     y = mixer.norm(y, z.reshape(batch * size, -1))
     out, _ = mixer.out_proj(y)
-    return out.view(batch, size, -1), (torch.stack(convs), torch.stack(ssms))
+    return out.view(batch, size, -1), (conv_final, ssm_final)

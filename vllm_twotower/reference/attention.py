@@ -12,13 +12,21 @@ from torch import nn
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q [T, nq, d]`` over ``k, v [P+T, nkv, d]`` (float32+ softmax).
 
     The last ``T`` keys belong to the queries' own tokens; the first ``P`` are the past.  With
     ``causal`` a query at block offset ``i`` sees the past and offsets ``<= i``; without it, all.
     Query heads are grouped onto key/value heads (GQA).  Leading batch dimensions are allowed.
+    ``key_mask [..., P+T]`` (bool) marks the keys that exist: a batch of sequences padded to
+    one length attends in one call, each row ignoring its padding.
     """
     length, num_q_heads, _ = q.shape[-3:]
     total = k.shape[-3]
@@ -31,6 +39,8 @@ def attend(
         past = total - length
         allowed = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[..., None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("...hts,...shd->...thd", probs, v.to(compute)).to(q.dtype)
 

@@ -120,12 +120,22 @@ def causal_conv1d(
 
     Returns:
         ``(outputs [T, D] before the activation, new conv state [D, K-1])``.
+
+    Computed as ``K`` shifted multiply-adds in at least float32: for the few tokens of a block
+    (and Mamba's K = 4) this is several times faster on CPU than ``F.conv1d``, whose depthwise
+    path is slow for short sequences (and much slower in bfloat16).
     """
     window = torch.cat([conv_state, x.transpose(-1, -2)], dim=-1)  # [..., D, K-1+T]
-    flat = window.reshape(-1, *window.shape[-2:])
-    out = F.conv1d(flat, weight, bias, groups=weight.shape[0])
-    out = out.reshape(*window.shape[:-1], out.shape[-1])
-    return out.transpose(-1, -2), window[..., -(weight.shape[-1] - 1) :]
+    kernel, length = weight.shape[-1], x.shape[-2]
+    compute = at_least_float32(x.dtype)
+    taps = weight[:, 0, :].to(compute)  # [D, K]
+    shifted = window.to(compute)
+    out = shifted[..., :length] * taps[:, :1]
+    for j in range(1, kernel):
+        out = out + shifted[..., j : j + length] * taps[:, j : j + 1]
+    if bias is not None:
+        out = out + bias.to(compute)[:, None]
+    return out.transpose(-1, -2).to(x.dtype), window[..., -(kernel - 1) :]
 
 
 class GatedRMSNorm(nn.Module):
