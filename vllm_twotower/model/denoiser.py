@@ -91,10 +91,25 @@ class DenoiserTower(nn.Module):
             nn.Parameter(torch.zeros(3, hidden), requires_grad=False) for _ in pattern
         )
         self.mamba_options = mamba_options(config)
+        self._modulation_memo: dict[float, torch.Tensor] = {}  # mask ratio -> [L, 3, H]
 
     def modulation(self, t: torch.Tensor) -> torch.Tensor:
-        """adaLN parameters ``[L, B, 3, H]`` (shift, scale, gate) for mask ratios ``t [B]``."""
-        return adaln_modulation(self.t_embedder, self.t_block, self.scale_shift_tables, t)
+        """adaLN parameters ``[L, B, 3, H]`` (shift, scale, gate) for mask ratios ``t [B]``.
+
+        Memoised per value of ``t``: a block of ``S`` positions has at most ``S + 1`` mask
+        ratios, and recomputing the time embedding and ``t_block`` costs every pass ~70 ops.
+        """
+        ratios = t.tolist()
+        missing = sorted(set(ratios) - self._modulation_memo.keys())
+        if missing:
+            fresh = adaln_modulation(
+                self.t_embedder,
+                self.t_block,
+                self.scale_shift_tables,
+                torch.tensor(missing, dtype=t.dtype, device=t.device),
+            )
+            self._modulation_memo.update(zip(missing, fresh.unbind(1), strict=True))
+        return torch.stack([self._modulation_memo[r] for r in ratios], dim=1)
 
     def forward(
         self,

@@ -8,6 +8,7 @@ without any mask, over the context tower's cache of the same layer plus the whol
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,24 +26,30 @@ def attend(
     The last ``T`` keys belong to the queries' own tokens; the first ``P`` are the past.  With
     ``causal`` a query at block offset ``i`` sees the past and offsets ``<= i``; without it, all.
     Query heads are grouped onto key/value heads (GQA).  Leading batch dimensions are allowed.
+    One ``scaled_dot_product_attention`` call (computed in at least float32): the engine runs
+    this for every attention layer of every denoiser pass, where the op count sets the cost.
     ``key_mask [..., P+T]`` (bool) marks the keys that exist: a batch of sequences padded to
     one length attends in one call, each row ignoring its padding.
     """
-    length, num_q_heads, _ = q.shape[-3:]
+    length = q.shape[-3]
     total = k.shape[-3]
-    group = num_q_heads // k.shape[-2]
-    k = k.repeat_interleave(group, dim=-2)
-    v = v.repeat_interleave(group, dim=-2)
     compute = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.einsum("...thd,...shd->...hts", q.to(compute), k.to(compute)) * scale
+    allowed = None
     if causal:
         past = total - length
         allowed = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        scores = scores.masked_fill(~allowed, float("-inf"))
     if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[..., None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("...hts,...shd->...thd", probs, v.to(compute)).to(q.dtype)
+        keys = key_mask[..., None, None, :]  # [..., 1 (heads), 1 (queries), P+T]
+        allowed = keys if allowed is None else keys & allowed
+    out = F.scaled_dot_product_attention(
+        q.to(compute).transpose(-3, -2),
+        k.to(compute).transpose(-3, -2),
+        v.to(compute).transpose(-3, -2),
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=q.shape[-2] != k.shape[-2],
+    )
+    return out.transpose(-3, -2).to(q.dtype)
 
 
 class Attention(nn.Module):

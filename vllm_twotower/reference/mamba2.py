@@ -12,6 +12,8 @@ The scan runs in float32 whatever the model dtype (seeded states can exceed bf16
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,15 +21,28 @@ from torch import nn
 from vllm_twotower.reference.dtypes import at_least_float32
 
 
+@functools.cache
+def _tril_masks(length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of ``(not strictly below, above)`` the diagonal of a ``length × length`` matrix.
+
+    Made outside inference mode: a cached inference tensor could not enter autograd later
+    (training uses this module too).
+    """
+    with torch.inference_mode(False):
+        ones = torch.ones(length, length, dtype=torch.bool, device=device)
+        return ~torch.tril(ones, diagonal=-1), ~torch.tril(ones)
+
+
 def segsum(x: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = sum(x[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above the diagonal."""
+    """``out[..., i, j] = sum(x[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above the diagonal.
+
+    Summed as a cumulative sum of masked copies rather than as ``cumsum[i] - cumsum[j]``, which
+    cancels catastrophically once the cumulative decay is large.
+    """
     length = x.shape[-1]
-    x = x.unsqueeze(-1).expand(*x.shape, length)
-    below = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device), diagonal=-1)
-    x = x.masked_fill(~below, 0)
-    sums = torch.cumsum(x, dim=-2)
-    on_or_below = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
-    return sums.masked_fill(~on_or_below, float("-inf"))
+    not_below, above = _tril_masks(length, x.device)
+    x = x.unsqueeze(-1).expand(*x.shape, length).masked_fill(not_below, 0)
+    return torch.cumsum(x, dim=-2).masked_fill(above, float("-inf"))
 
 
 def ssd_sequential(
@@ -71,6 +86,10 @@ def ssd_chunk_scan(
     Within a chunk the output is a masked (decay-weighted) attention-like product; across chunks
     only the states at chunk ends are carried, starting from ``initial_state``.  Padding to a
     whole number of chunks uses ``dt = 0``, which neither decays nor feeds the state.
+
+    Written as two-operand matrix products in a heads-first layout: the engine runs this for
+    every Mamba layer of every denoiser pass on a block of one chunk, where the number of torch
+    operations, not arithmetic, sets the cost (multi-operand ``einsum`` costs ~4× the ops).
     """
     lead = x.dim() - 3  # number of leading (batch) dimensions
     length = x.shape[-3]
@@ -81,31 +100,40 @@ def ssd_chunk_scan(
         b = F.pad(b, (0, 0, 0, 0, 0, pad))
         c = F.pad(c, (0, 0, 0, 0, 0, pad))
     n_chunks = x.shape[-3] // chunk_size
-    x, dt, b, c = (t.unflatten(lead, (n_chunks, chunk_size)) for t in (x, dt, b, c))
 
-    a_dt = (dt * a).transpose(-1, -2)  # [..., chunks, nh, L]
+    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [..., T, nh, k] -> [..., C, nh, L, k]
+        return t.unflatten(lead, (n_chunks, chunk_size)).transpose(-3, -2)
+
+    a_dt = heads_first((dt * a).unsqueeze(-1)).squeeze(-1)  # [..., C, nh, L]
     a_cumsum = torch.cumsum(a_dt, dim=-1)
-    x_dt = x * dt.unsqueeze(-1)  # [..., chunks, L, nh, hd]
+    x_dt = heads_first(x * dt.unsqueeze(-1))  # [..., C, nh, L, hd]
+    b, c = heads_first(b), heads_first(c)  # [..., C, nh, L, N]
 
-    # 1. outputs from inputs of the same chunk
-    decay = torch.exp(segsum(a_dt))  # [..., chunks, nh, L, L]
-    y_diag = torch.einsum("...clhn,...cshn,...chls,...cshp->...clhp", c, b, decay, x_dt)
+    # 1. outputs from inputs of the same chunk: ((C Bᵀ) ∘ decay) X
+    y = ((c @ b.transpose(-1, -2)) * torch.exp(segsum(a_dt))) @ x_dt
 
-    # 2. each chunk's contribution to the state at its end
-    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [..., chunks, nh, L]
-    chunk_states = torch.einsum("...clhn,...chl,...clhp->...chpn", b, decay_to_end, x_dt)
+    # 2. each chunk's contribution to the state at its end: (X ∘ decay to end)ᵀ B
+    decay_to_end = torch.exp(a_cumsum[..., -1:] - a_cumsum)  # [..., C, nh, L]
+    chunk_states = (x_dt * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ b  # [..., C, nh, hd, N]
 
-    # 3. states at chunk boundaries, carried from the initial state
-    states = torch.cat([initial_state.unsqueeze(-4), chunk_states], dim=-4)
-    chunk_ends = F.pad(a_cumsum[..., -1].transpose(-1, -2), (1, 0))  # [..., nh, chunks+1]
-    chunk_decay = torch.exp(segsum(chunk_ends))  # [..., nh, chunks+1, chunks+1]
-    states = torch.einsum("...hzc,...chpn->...zhpn", chunk_decay, states)
-    prev_states, final_state = states[..., :-1, :, :, :], states[..., -1, :, :, :]
+    # 3. states entering each chunk and the final state, carried from the initial state
+    chunk_decay = torch.exp(a_cumsum[..., -1])  # [..., C, nh]: decay across each chunk
+    if n_chunks == 1:  # the denoiser's block: no carry between chunks
+        prev_states = initial_state.unsqueeze(-4)
+        final_state = (
+            chunk_decay[..., 0, :, None, None] * initial_state + chunk_states[..., 0, :, :, :]
+        )
+    else:
+        states = torch.cat([initial_state.unsqueeze(-4), chunk_states], dim=-4)
+        chunk_ends = F.pad(a_cumsum[..., -1].transpose(-1, -2), (1, 0))  # [..., nh, C+1]
+        carry = torch.exp(segsum(chunk_ends))  # [..., nh, C+1, C+1]
+        states = torch.einsum("...hzc,...chpn->...zhpn", carry, states)
+        prev_states, final_state = states[..., :-1, :, :, :], states[..., -1, :, :, :]
 
-    # 4. outputs from the state entering each chunk
-    y_off = torch.einsum("...clhn,...chpn,...chl->...clhp", c, prev_states, torch.exp(a_cumsum))
+    # 4. outputs from the state entering each chunk: exp(cumsum) · C hᵀ
+    y = y + (c @ prev_states.transpose(-1, -2)) * torch.exp(a_cumsum).unsqueeze(-1)
 
-    y = (y_diag + y_off).flatten(lead, lead + 1)
+    y = y.transpose(-3, -2).flatten(lead, lead + 1)  # [..., T(+pad), nh, hd]
     return y[..., :length, :, :], final_state
 
 
