@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from docsections import PERFORMANCE, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split, load_tokenizer
@@ -41,8 +42,6 @@ from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, TwoTowerPar
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
 
 
 @dataclass
@@ -132,18 +131,40 @@ def measure_reference(
     return results
 
 
-def measure_engine(
-    checkpoint: Path, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int
-) -> list[Measurement]:
-    """The vLLM path: every mode at every batch size on one engine."""
-    from vllm import LLM, SamplingParams  # imported late: --reference-only needs no vLLM
-    from vllm.inputs import TokensPrompt
+def make_engine(checkpoint: Path, max_num_seqs: int) -> Any:
+    """An offline ``LLM`` on ``checkpoint`` with the embedded checkpoint's engine arguments."""
+    from vllm import LLM  # imported late: --reference-only needs no vLLM
 
-    llm = LLM(model=str(checkpoint), max_num_seqs=max(batch_sizes), **EMBEDDED_ENGINE_ARGS)
+    return LLM(model=str(checkpoint), max_num_seqs=max_num_seqs, **EMBEDDED_ENGINE_ARGS)
+
+
+def timed_generate(llm: Any, wave: list[Any], params: Any, row: Measurement) -> list[Any]:
+    """Generate one wave; add its wall time, output tokens, denoiser passes and blocks to
+    ``row`` (passes and blocks from the plugin's stats RPC, read before and after)."""
 
     def stats() -> dict[str, Any]:
         return llm.collective_rpc("twotower_stats")[0]["aggregate"]
 
+    before = stats()
+    start = time.perf_counter()
+    outputs = llm.generate(wave, params, use_tqdm=False)
+    row.seconds += time.perf_counter() - start
+    after = stats()
+    row.requests += len(outputs)
+    row.tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    row.nfe += after["nfe"] - before["nfe"]
+    row.blocks += after["blocks"] - before["blocks"]
+    return outputs
+
+
+def measure_engine(
+    checkpoint: Path, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int
+) -> list[Measurement]:
+    """The vLLM path: every mode at every batch size on one engine."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = make_engine(checkpoint, max(batch_sizes))
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     results = []
     for batch in batch_sizes:
@@ -155,15 +176,7 @@ def measure_engine(
                 params = SamplingParams(
                     max_tokens=max_tokens, temperature=0.0, extra_args={"mode": mode}
                 )
-                before = stats()
-                start = time.perf_counter()
-                outputs = llm.generate(wave, params, use_tqdm=False)
-                row.seconds += time.perf_counter() - start
-                after = stats()
-                row.requests += len(outputs)
-                row.tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-                row.nfe += after["nfe"] - before["nfe"]
-                row.blocks += after["blocks"] - before["blocks"]
+                timed_generate(llm, wave, params, row)
         results += rows.values()
     return results
 
@@ -206,13 +219,6 @@ def summary(rows: list[Measurement]) -> list[str]:
     return lines
 
 
-def write_section(text: str) -> None:
-    """Replace the marked section of ``docs/performance.md`` (hand-written parts are kept)."""
-    doc = DOC.read_text()
-    start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-    DOC.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -223,7 +229,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="the reference's device")
     parser.add_argument("--reference-only", action="store_true", help="skip the vLLM engine")
     parser.add_argument("--smoke", action="store_true", help="tiny run, print only (CI)")
-    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.name}")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -246,8 +252,8 @@ def main() -> None:
     )
     print(text)
     if not (args.smoke or args.no_write or args.reference_only):
-        write_section(text)
-        print(f"wrote {DOC}")
+        replace_section("throughput", text)
+        print(f"wrote {PERFORMANCE}")
 
 
 if __name__ == "__main__":  # vLLM on CPU spawns its engine processes

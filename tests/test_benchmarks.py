@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
     "quality": ["benchmarks/quality.py", "--smoke"],  # writes to a temporary folder
+    # starts the OpenAI server on loopback, runs vllm bench serve against it, stops it
+    "serve": ["benchmarks/serve.py", "--smoke", "--no-write"],
+    "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
+    "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
 }
 
 
