@@ -6,11 +6,22 @@ conv / SSM state after its last token (one state slot, addressed through the Mam
 block table).  :class:`ContextReader` gathers them, for a set of batch rows, into the dense
 :class:`~vllm_twotower.model.denoiser.DenoiserContext` the denoiser consumes.  It never writes.
 
-The CPU attention backend stores the inside of a KV block in an ISA-specific order (on AVX-512
-``vec``, keys are stored transposed: ``[head_dim, block_size]`` per block and head, values
-plainly).  Rather than hard-coding layouts, :func:`probe_block_layout` asks vLLM's own
-``cpu_attn_reshape_and_cache`` where each (token, channel) lands in a scratch block, once per
-layout, and reads through the resulting index map.
+vLLM binds every attention layer's cache as a logical ``[B, H, N, C]`` view (RFC #42082:
+kernel blocks, head slots, stored states, content); the physical order of those axes
+(``KVCacheLayout``: layer- or block-outermost, head- or token-major) lives only in the view's
+strides, so indexing the view reads any of them.  What a cell holds depends on the backend:
+
+* The CPU attention backend stores the inside of a KV block in an ISA-specific order (on
+  AVX-512 ``vec``, keys are stored transposed: ``[head_dim, block_size]`` per block and head,
+  values plainly).  Rather than hard-coding layouts, :func:`probe_block_layout` asks vLLM's own
+  ``cpu_attn_reshape_and_cache`` where each (token, channel) lands in a scratch block, once per
+  layout, and reads through the resulting index map.
+* Every other backend that keeps the layer's :class:`AttentionSpec` dense (no packed head
+  slots or content, no quantization, one token per state; FlashAttention, FlashInfer, Triton,
+  FlexAttention) reads the view as ``kv_cache.transpose(1, 2).split(head_size, -1)``: one
+  token per row ``N``, keys then values along ``C``.  Backends that pack differently declare
+  it in the spec (``customize_spec``), which :func:`dense_kernel_block_size` checks, together
+  with the view's shape against vLLM's own ``compute_layer_kv_cache_shape_bytes``.
 """
 
 from __future__ import annotations
@@ -21,7 +32,12 @@ from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor
-from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
+from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
+    KVQuantMode,
+    MambaSpec,
+    compute_layer_kv_cache_shape_bytes,
+)
 
 from vllm_twotower.model.blockwise import BlockContext, MambaStates
 
@@ -68,11 +84,75 @@ def probe_block_layout(
     return k_offsets.view(block_size, head_dim), v_offsets.view(block_size, head_dim)
 
 
+def _backend_name(attention: object) -> str:
+    """The attention backend's name, for error messages."""
+    backend = getattr(attention, "attn_backend", None)
+    if backend is None:
+        return type(attention).__name__
+    return backend.get_name()
+
+
+def dense_kernel_block_size(attention: object, spec: AttentionSpec | None) -> int:
+    """Tokens per block of ``attention.kv_cache``, a dense ``[B, kv_heads, N, K|V]`` view.
+
+    The per-layer view is always ``[B, H, N, C]``; the spec says what fills it.  A dense spec
+    (no packed head slots or content, no quantization, one token per state) means
+    ``H = kv_heads`` and ``C = head_size + head_size_v`` with keys first, which is how the
+    FlashAttention, FlashInfer, Triton and FlexAttention backends split it.  ``N`` can be
+    smaller than ``spec.block_size`` when vLLM splits manager blocks into kernel blocks
+    (``prepare_kernel_block_sizes``), hence it is read from the view and checked against
+    ``compute_layer_kv_cache_shape_bytes``.  Anything else raises ``NotImplementedError``
+    naming the backend and shape, rather than reading garbage.
+    """
+    cache = attention.kv_cache
+    found = f"{_backend_name(attention)} cache of shape {tuple(cache.shape)} ({cache.dtype})"
+    if spec is None:
+        raise NotImplementedError(f"no attention spec for the {found}")
+    if (
+        spec.num_head_slots is not None
+        or spec.state_content_bytes is not None
+        or spec.kv_quant_mode != KVQuantMode.NONE
+        or spec.tokens_per_state != 1
+    ):
+        raise NotImplementedError(
+            f"reading a packed or quantized KV cache is not implemented: {found}, {spec}; "
+            "see docs/engine-design.md"
+        )
+    if cache.dim() == 4 and cache.dtype == spec.dtype and spec.block_size % cache.shape[2] == 0:
+        kernel_block_size = cache.shape[2]
+        _, heads, rows, content = compute_layer_kv_cache_shape_bytes(spec, 1, kernel_block_size)
+        if (heads, rows, content) == (*cache.shape[1:3], cache.shape[3] * cache.element_size()):
+            return kernel_block_size
+    raise NotImplementedError(
+        f"the {found} is not the dense [blocks, {spec.num_kv_heads} kv_heads, tokens, "
+        f"{spec.head_size}+{spec.head_size_v}] view vLLM binds for {spec}; "
+        "see docs/engine-design.md"
+    )
+
+
+def kernel_block_table(
+    table: torch.Tensor, manager_block_size: int, kernel_block_size: int
+) -> torch.Tensor:
+    """Block ``table [R, M]`` in kernel blocks ``[R, M * ratio]``.
+
+    vLLM's block tables hold KV-manager block ids; when a backend needs smaller blocks the
+    bound view addresses kernel blocks, kernel block ``j`` of block ``b`` being
+    ``b * ratio + j`` (``AttentionGroup.map_to_kernel_block_table``; the other stride vLLM
+    knows, for packed caches, exists only for compressed caches, which are refused above).
+    """
+    ratio = manager_block_size // kernel_block_size
+    if ratio == 1:
+        return table.long()
+    offsets = torch.arange(ratio, device=table.device)
+    return (table.long().unsqueeze(-1) * ratio + offsets).flatten(1)
+
+
 @dataclass(frozen=True)
 class _AttentionLayer:
     index: int
     group: int
     module: torch.nn.Module
+    spec: AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -98,7 +178,9 @@ class ContextReader:
                     self.mamba.append(_MambaLayer(layer_index(name), gid, module))
                     self.mamba_specs[gid] = group.kv_cache_spec
                 elif isinstance(group.kv_cache_spec, AttentionSpec):
-                    self.attention.append(_AttentionLayer(layer_index(name), gid, module))
+                    self.attention.append(
+                        _AttentionLayer(layer_index(name), gid, module, group.kv_cache_spec)
+                    )
 
     def read(self, rows: torch.Tensor, kv_lens: torch.Tensor) -> BlockContext:
         """Context of batch ``rows``: the first ``kv_lens [R]`` cached keys/values of each
@@ -107,7 +189,8 @@ class ContextReader:
         kv = {}
         for layer in self.attention:
             table = block_tables[layer.group].block_table.cpu[rows]
-            kv[layer.index] = (*self._gather_kv(layer.module, table, kv_lens), kv_lens)
+            keys, values = self._gather_kv(layer.module, table, kv_lens, layer.spec)
+            kv[layer.index] = (keys, values, kv_lens)
         return BlockContext(kv=kv, mamba=self.read_mamba(rows))
 
     def read_mamba(self, rows: torch.Tensor) -> MambaStates:
@@ -132,14 +215,58 @@ class ContextReader:
 
     @staticmethod
     def _gather_kv(
+        attention: torch.nn.Module,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        spec: AttentionSpec | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``[R, P, kv_heads, head_dim]`` keys and values, ``P = max(seq_lens)``.
+
+        Rows are read from block ``table [R, max_blocks]`` (KV-manager block ids); positions
+        past a row's length hold whatever the blocks hold (the denoiser masks them).  The CPU
+        backend (which tags its layers with ``isa``) has its own block interior; every other
+        backend must bind the dense view described by the layer's ``spec``.
+        """
+        if hasattr(attention, "isa"):
+            return ContextReader._gather_cpu_kv(attention, table, seq_lens)
+        return ContextReader._gather_dense_kv(attention, table, seq_lens, spec)
+
+    @staticmethod
+    def _gather_dense_kv(
+        attention: torch.nn.Module,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        spec: AttentionSpec | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reads a dense ``[B, kv_heads, N, K|V]`` view (GPU backends) with one gather.
+
+        Indexing the view honours whatever physical permutation its strides encode, so no
+        ``KVCacheLayout`` case needs handling here; each position ``p`` of a row is token
+        ``p % N`` of the row's kernel block ``p // N``.
+        """
+        kernel_block_size = dense_kernel_block_size(attention, spec)
+        cache = attention.kv_cache
+        length = max(int(seq_lens.max()), 1)
+        used = -(-length // kernel_block_size)
+        blocks = kernel_block_table(table, spec.block_size, kernel_block_size)[:, :used]
+        pos = torch.arange(length, device=cache.device)
+        token_blocks = blocks.to(cache.device)[:, pos // kernel_block_size]  # [R, P]
+        data = cache.transpose(1, 2)[token_blocks, pos % kernel_block_size]  # [R, P, H, C]
+        keys = data[..., : spec.head_size]
+        values = data[..., spec.head_size : spec.head_size + spec.head_size_v]
+        return keys, values
+
+    @staticmethod
+    def _gather_cpu_kv(
         attention: torch.nn.Module, table: torch.Tensor, seq_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``[R, P, kv_heads, head_dim]`` keys and values, ``P = max(seq_lens)``."""
+        """Reads the CPU backend's ``[B, kv_heads, N, 2 * head_dim]`` cache through the block
+        interior :func:`probe_block_layout` learnt from vLLM's own writer."""
         cache = attention.kv_cache
-        if cache.dim() != 4 or not hasattr(attention, "isa"):
+        if cache.dim() != 4:
             raise NotImplementedError(
-                "reading the paged KV cache is implemented for vLLM's CPU attention backend "
-                f"only (got a cache of shape {tuple(cache.shape)}); see docs/engine-design.md"
+                f"unexpected CPU attention cache of shape {tuple(cache.shape)}; "
+                "see docs/engine-design.md"
             )
         num_blocks, kv_heads, block_size, two_d = cache.shape
         head_dim = two_d // 2

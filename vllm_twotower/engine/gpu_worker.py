@@ -1,8 +1,8 @@
 """GPU worker installing the TwoTower runner (imported only on CUDA platforms).
 
-Untested so far (no GPU in CI): AR mode needs nothing device-specific; the denoising modes need
-:class:`~vllm_twotower.engine.context_reader.ContextReader` to learn the CUDA attention
-backend's KV layout, which it refuses with a clear error until then.
+Not yet run on a GPU (no CUDA vLLM in CI or on the device machine): AR mode needs nothing
+device-specific; the denoising modes read the GPU backends' dense KV view through
+:class:`~vllm_twotower.engine.context_reader.ContextReader`, so far checked only on CPU tensors.
 """
 
 from __future__ import annotations
