@@ -22,8 +22,6 @@ reduced and the table says so.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from docsections import machine_name
 
 from vllm_twotower.commit import commit_step, commit_step_torch
 from vllm_twotower.ops import extension_available, extension_status
@@ -204,15 +203,6 @@ def moe_row(
     return Row("moe_forward", shape, timings)
 
 
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
-    )
-
-
 def table(rows: list[Row], device: torch.device) -> str:
     baselines = ["torch fallback", "per-token torch"]
     head = "| kernel | shape | kernel ms | " + " | ".join(
@@ -220,7 +210,7 @@ def table(rows: list[Row], device: torch.device) -> str:
     )
     lines = [head + " | kernel GB/s read |", "|" + "---|" * (4 + 2 * len(baselines))]
     lines += [row.markdown(baselines) for row in rows]
-    machine = machine_name(device)
+    machine = machine_name(device, torch.get_num_threads())
     return "\n".join([*lines, "", f"Measured on: {machine}."])
 
 

@@ -24,14 +24,12 @@ The plot puts mean accuracy against the throughput ratio to AR, one point per γ
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docsections import replace_section
+from docsections import machine_name, replace_section
 from quality import RETENTION_TARGET, THRESHOLDS
 from throughput import HEADER, Measurement, make_engine, test_prompts, timed_generate
 
@@ -155,7 +153,7 @@ def main() -> None:
         [
             table(points),
             "",
-            f"Measured on: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+            f"Measured on: {machine_name()}; "
             f"one `LLM` engine (float32), {count} test-split prompts ({args.n_per_family} "
             f"per family, seed 0), greedy, `max_tokens` {args.max_tokens}, waves of "
             f"{args.batch_size}, S = T = 16 from `generation_config.json`.  Command: "

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -51,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from docsections import replace_section
+from docsections import machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split
@@ -284,10 +283,6 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
     return f"{a[key] / b[key]:.2f}" if b[key] else "–"
 
 
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -336,7 +331,8 @@ def main() -> None:
             "",
             ratios(runs),
             "",
-            f"Measured on: {machine()}; {args.num_prompts} test-split prompts per run, greedy, "
+            f"Measured on: {machine_name()}; {args.num_prompts} test-split prompts per run, "
+            "greedy, "
             f"`max_tokens` {args.max_tokens}, γ from the checkpoint's `generation_config.json`; "
             "one server, the mode per request.  Commands (paths shortened):",
             "",

@@ -26,15 +26,13 @@ transfers between machines.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from docsections import PERFORMANCE, replace_section
+from docsections import PERFORMANCE, machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split, load_tokenizer
@@ -181,15 +179,6 @@ def measure_engine(
     return results
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, reference with {torch.get_num_threads()} thread(s)"
-    )
-
-
 def table(rows: list[Measurement]) -> str:
     """Markdown table; each row's ratio is against AR on the same path and batch size."""
     ar_of = {(r.label, r.batch): r for r in rows if r.mode == AR}
@@ -246,7 +235,8 @@ def main() -> None:
             "",
             *summary(rows),
             "",
-            f"Measured on: {machine(device)}; `{args.num_prompts}` test prompts, greedy, "
+            f"Measured on: {machine_name(device)}, the reference with "
+            f"{torch.get_num_threads()} thread(s); `{args.num_prompts}` test prompts, greedy, "
             f"`max_tokens` {args.max_tokens}, γ from the checkpoint's `generation_config.json`.",
         ]
     )

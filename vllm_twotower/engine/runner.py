@@ -246,7 +246,9 @@ class TwoTowerRunnerMixin:
             sub = canvas[idx]
             masked = (sub == mask_id).sum(dim=-1)
             t = masked.float() / block_size[idx].float()
-            logits = model.denoise(sub, context.select(idx), t, block_size[idx])
+            # Rows leave as their blocks complete; until one does, no context copy is needed.
+            rows_context = context if idx.numel() == active.numel() else context.select(idx)
+            logits = model.denoise(sub, rows_context, t, block_size[idx])
             s = slots[idx]
             result = commit_step(
                 logits,
