@@ -19,6 +19,7 @@ SMOKE_RUNS = {
     "serve": ["benchmarks/serve.py", "--smoke", "--no-write"],
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
+    "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
 }
 
 
