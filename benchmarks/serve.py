@@ -60,7 +60,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = (MASK_DIFFUSION, AR)
 
 
-#: Engine sizing only: nothing TwoTower-specific is needed on the server's command line.
 def server_flags() -> list[str]:
     """``EMBEDDED_ENGINE_ARGS`` as server options, and no per-request access log."""
     flags = []
