@@ -36,7 +36,7 @@ from docsections import PERFORMANCE, machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split, load_tokenizer
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, TwoTowerParams
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, resolve_params
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,15 +103,11 @@ def measure_reference(
 ) -> list[Measurement]:
     """The reference implementation, one request at a time, in every mode."""
     model = TwoTowerModel.from_pretrained(checkpoint).to(device)
-    defaults = model.config.diffusion
+    config = model.config
     results = []
     for mode in (MASK_DIFFUSION, MOCK_AR, AR):
-        params = TwoTowerParams(
-            mode=mode,
-            block_size=defaults.block_size,
-            steps_per_block=defaults.steps_per_block,
-            confidence_threshold=defaults.confidence_threshold,
-        )
+        # The same resolution an engine request with extra_args={"mode": mode} gets.
+        params = resolve_params({"mode": mode}, config.diffusion, config.max_block_size)
         row = Measurement("reference", mode, batch=1)
         generate(model, prompts[:1], params, SamplingSpec(max_new_tokens=max_tokens))  # warm-up
         for prompt in prompts:
