@@ -52,3 +52,20 @@ def test_joint_attention_with_empty_context() -> None:
     torch.testing.assert_close(
         attend(q, k, v, causal=False, scale=8**-0.5), _explicit(q, k, v, causal=False)
     )
+
+
+def test_key_mask_makes_a_padded_batch_equal_each_row_alone() -> None:
+    """The engine's batched pass: rows padded to one context length, padding masked out."""
+    g = torch.Generator().manual_seed(3)
+    lengths, block = [5, 0, 3], 4
+    padded = max(lengths)
+    q = torch.randn(len(lengths), block, 4, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, len(lengths), padded + block, 2, 8, generator=g, dtype=torch.float64)
+    positions = torch.arange(padded + block)
+    key_mask = (positions < torch.tensor(lengths)[:, None]) | (positions >= padded)
+    for causal in (False, True):
+        out = attend(q, k, v, causal=causal, scale=8**-0.5, key_mask=key_mask)
+        for row, length in enumerate(lengths):
+            keep = torch.cat([positions[:length], positions[padded:]])
+            alone = _explicit(q[row], k[row, keep], v[row, keep], causal=causal)
+            torch.testing.assert_close(out[row], alone)

@@ -44,6 +44,27 @@ def test_chunk_scan_continues_from_its_own_final_state() -> None:
     torch.testing.assert_close(s2, s_full, rtol=1e-10, atol=1e-9)
 
 
+@pytest.mark.parametrize("length", [16, 40])  # one chunk (the denoiser's block), several
+def test_batched_scan_and_conv_equal_each_row_alone(length: int) -> None:
+    """The engine runs every row of a step through one call: leading batch dimensions."""
+    rows = [_random_scan_inputs(length, seed=100 + r) for r in range(3)]
+    x, dt, a, b, c, h0 = (torch.stack(parts) for parts in zip(*rows, strict=True))
+    y, state = ssd_chunk_scan(x, dt, a[0], b, c, h0, 16)
+    for r, (xr, dtr, _, br, cr, h0r) in enumerate(rows):  # A is per head, shared by rows
+        y_r, state_r = ssd_chunk_scan(xr, dtr, a[0], br, cr, h0r, 16)
+        torch.testing.assert_close(y[r], y_r, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(state[r], state_r, rtol=1e-12, atol=1e-10)
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(3, length, 6, generator=g)
+    weight, bias = torch.randn(6, 1, 4, generator=g), torch.randn(6, generator=g)
+    conv_states = torch.randn(3, 6, 3, generator=g)
+    out, final = causal_conv1d(xs, weight, bias, conv_states)
+    for r in range(3):
+        out_r, final_r = causal_conv1d(xs[r], weight, bias, conv_states[r])
+        torch.testing.assert_close(out[r], out_r)
+        torch.testing.assert_close(final[r], final_r)
+
+
 def test_causal_conv_state_continuation() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(11, 6, generator=g)
