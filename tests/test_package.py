@@ -19,6 +19,12 @@ def test_plugin_entry_point_is_declared_and_register_is_idempotent() -> None:
     register()  # vLLM calls it once per process; twice must be harmless
 
 
+def test_stats_endpoint_plugin_entry_point_is_declared() -> None:
+    (ep,) = [e for e in entry_points(group="vllm.endpoint_plugins") if e.name == "twotower_stats"]
+    plugin = ep.load()()
+    assert plugin.name == ep.name  # vLLM allowlists endpoint plugins by this name (VLLM_PLUGINS)
+
+
 def test_compiled_extension_reports_its_status() -> None:
     status = ops.extension_status()
     if not ops.extension_available():

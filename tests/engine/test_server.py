@@ -2,14 +2,16 @@
 
 Covers: no TwoTower flags needed, a server-wide default changed with ``--hf-overrides``,
 ``/v1/completions`` with and without streaming, per-request mode switching through
-``vllm_xargs``, stop strings, and a bad request answered 400 (naming the field) while
-concurrent good requests complete.
+``vllm_xargs``, stop strings, a bad request answered 400 (naming the field) while
+concurrent good requests complete, and the ``twotower_stats`` endpoint plugin (per-request
+denoiser passes at ``/v1/twotower/stats``, totals in ``/metrics``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,8 +53,10 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
         "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
         "--hf-overrides", json.dumps({"confidence_threshold": SERVER_THRESHOLD}),
     ]  # fmt: skip
+    # VLLM_PLUGINS opts in to the endpoint plugin; it is also the general plugins' allowlist.
+    env = {**os.environ, "VLLM_PLUGINS": "twotower,twotower_stats"}
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -139,3 +143,34 @@ def test_stop_string_cuts_inside_a_block(server: str) -> None:
     cut = complete(server, max_tokens=40, stop=[stop]).json()["choices"][0]
     assert cut["text"] == whole[: whole.index(stop)]
     assert cut["finish_reason"] == "stop"
+
+
+def test_stats_endpoint_and_metrics(server: str, tiny_checkpoint: Path) -> None:
+    block = TwoTowerModel.from_pretrained(tiny_checkpoint).config.diffusion.block_size
+    diffusion = complete(server, vllm_xargs={"mode": "mask_diffusion"}).json()
+    ar = complete(server, vllm_xargs={"mode": "ar"}, n=2, temperature=0.8, seed=1).json()
+    stats_url = f"{server}/v1/twotower/stats"
+
+    got = requests.get(stats_url, params={"request_id": diffusion["id"]}, timeout=30).json()
+    (entry,) = got["requests"].values()
+    tokens = diffusion["usage"]["completion_tokens"]
+    assert entry["mode"] == "mask_diffusion" and entry["nfe"] >= entry["blocks"] >= 1
+    # The denoiser decides whole blocks; the scheduler cuts the last one at EOS / max_tokens.
+    assert entry["denoised_tokens"] == entry["blocks"] * block
+    assert (entry["blocks"] - 1) * block < tokens <= entry["denoised_tokens"]
+    assert entry["tokens_per_nfe"] == pytest.approx(entry["denoised_tokens"] / entry["nfe"])
+
+    got = requests.get(stats_url, params={"request_id": ar["id"]}, timeout=30).json()
+    assert len(got["requests"]) == 2  # n=2: both samples, matched through vLLM's child ids
+    assert all(s["mode"] == "ar" and s["nfe"] == 0 for s in got["requests"].values())
+
+    missing = requests.get(stats_url, params={"request_id": "cmpl-unknown"}, timeout=30)
+    assert missing.status_code == 404 and "request_id" in missing.text
+
+    # A stats call refreshes the snapshot /metrics reports; the server is idle meanwhile.
+    aggregate = requests.get(stats_url, timeout=30).json()["aggregate"]
+    assert aggregate["nfe"] >= entry["nfe"] and aggregate["steps_per_block"] >= 1.0
+    metrics = requests.get(f"{server}/metrics", timeout=30).text
+    passes = re.search(r"^vllm:twotower_denoiser_passes_total\{.*\} (\S+)$", metrics, re.M)
+    assert passes is not None and float(passes.group(1)) == aggregate["nfe"]
+    assert "vllm:twotower_tokens_per_denoiser_pass{" in metrics

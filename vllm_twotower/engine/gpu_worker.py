@@ -30,6 +30,8 @@ class TwoTowerGPUWorker(Worker):
         super().init_device()
         self.model_runner = TwoTowerGPUModelRunner(self.vllm_config, self.device)
 
-    def twotower_stats(self) -> dict[str, object]:
+    def twotower_stats(
+        self, request_id: str | None = None, include_requests: bool = True
+    ) -> dict[str, object]:
         """See :meth:`vllm_twotower.engine.worker.TwoTowerCPUWorker.twotower_stats`."""
-        return self.model_runner.tt_requests.stats()
+        return self.model_runner.tt_requests.stats(request_id, include_requests)

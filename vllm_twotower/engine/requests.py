@@ -9,6 +9,7 @@ per-request Python object is the ``req_id -> slot`` map.
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -20,6 +21,9 @@ from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.params import MODES
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
+
+#: vLLM's id prefix for sample ``k`` of an ``n > 1`` request (``ParentRequest.get_child_info``).
+_CHILD_PREFIX = re.compile(r"\d+_")
 
 # SamplingParams treats temperatures below this as greedy.
 _GREEDY_EPS = 1e-5
@@ -40,6 +44,19 @@ class RequestStats:
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {**asdict(self), "tokens_per_nfe": self.tokens_per_nfe}
+
+
+def matches_request_id(internal_id: str, request_id: str) -> bool:
+    """Whether the engine's ``internal_id`` belongs to the client-facing ``request_id``.
+
+    Internal ids extend the id a client sees: the OpenAI server sends prompt ``i`` of response
+    ``cmpl-X`` as ``cmpl-X-i``, the engine appends ``-<8 random chars>`` to keep ids unique, and
+    with ``n > 1`` each sample ``k`` runs as ``k_<that id>``.  So one response id covers every
+    internal id that, less a ``k_`` prefix, equals it or starts with it and a dash.
+    """
+    child = _CHILD_PREFIX.match(internal_id)
+    candidates = (internal_id, internal_id[child.end() :]) if child else (internal_id,)
+    return any(c == request_id or c.startswith(request_id + "-") for c in candidates)
 
 
 class RequestTable:
@@ -130,11 +147,16 @@ class RequestTable:
         self.total.blocks += stats.blocks
         self.total.denoised_tokens += stats.denoised_tokens
 
-    def stats(self) -> dict[str, object]:
+    def stats(
+        self, request_id: str | None = None, include_requests: bool = True
+    ) -> dict[str, object]:
         """Counters per request and in total (steps per block = NFE / blocks).
 
         Requests vLLM has not dropped yet are included with their current counters: vLLM tells
-        the runner about a finished request only with the next scheduled step.
+        the runner about a finished request only with the next scheduled step.  ``request_id``
+        keeps only the requests it names (:func:`matches_request_id`); ``include_requests=False``
+        returns the totals alone, for pollers that would otherwise copy up to
+        :attr:`FINISHED_KEPT` entries per call.  The totals always cover every request.
         """
         live = {r: self._stats_of(slot) for r, slot in self.slot_of.items()}
         total = RequestStats("all", self.total.nfe, self.total.blocks, self.total.denoised_tokens)
@@ -142,8 +164,15 @@ class RequestTable:
             total.nfe += s.nfe
             total.blocks += s.blocks
             total.denoised_tokens += s.denoised_tokens
+        requests: dict[str, dict[str, float | int | str]] = {}
+        if include_requests:
+            requests = {
+                r: s.as_dict()
+                for r, s in {**self.finished, **live}.items()
+                if request_id is None or matches_request_id(r, request_id)
+            }
         return {
-            "requests": {r: s.as_dict() for r, s in {**self.finished, **live}.items()},
+            "requests": requests,
             "aggregate": {
                 **total.as_dict(),
                 "steps_per_block": total.nfe / total.blocks if total.blocks else 0.0,

@@ -95,7 +95,7 @@ class TwoTowerRunnerMixin:
         if now - self._tt_last_log < every_s:
             return
         self._tt_last_log = now
-        agg = self.tt_requests.stats()["aggregate"]
+        agg = self.tt_requests.stats(include_requests=False)["aggregate"]
         if agg["nfe"]:
             logger.info(
                 "TwoTower totals: %d denoiser passes, %d blocks, %.2f tokens/pass, "

@@ -20,12 +20,16 @@ class TwoTowerCPUWorker(CPUWorker):
 
         self.model_runner = TwoTowerCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
-    def twotower_stats(self) -> dict[str, object]:
+    def twotower_stats(
+        self, request_id: str | None = None, include_requests: bool = True
+    ) -> dict[str, object]:
         """Denoiser passes and tokens per pass of finished requests, and their totals.
 
-        Public through vLLM's ``LLM.collective_rpc("twotower_stats")``.
+        Public through vLLM's ``LLM.collective_rpc("twotower_stats")`` and, in the API server,
+        through :mod:`vllm_twotower.engine.stats_endpoint`.  The arguments filter the
+        per-request part (:meth:`~vllm_twotower.engine.requests.RequestTable.stats`).
         """
-        return self.model_runner.tt_requests.stats()
+        return self.model_runner.tt_requests.stats(request_id, include_requests)
 
 
 def __getattr__(name: str) -> type:

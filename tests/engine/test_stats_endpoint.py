@@ -1,0 +1,173 @@
+"""The ``twotower_stats`` endpoint plugin without a server: id matching, routes, collector.
+
+An app built here gets the plugin's route and lifespan; a fake engine client answers
+``collective_rpc`` from a real :class:`RequestTable` (once per "rank", as vLLM does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from argparse import Namespace
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY, generate_latest
+from vllm import SamplingParams
+
+from tests.engine.test_request_validation import defaults
+from vllm_twotower import ARCHITECTURE
+from vllm_twotower.engine import stats_endpoint
+from vllm_twotower.engine.requests import RequestTable, matches_request_id
+from vllm_twotower.engine.stats_endpoint import PATH, StatsSource, TwoTowerStatsPlugin
+
+
+@pytest.mark.parametrize(
+    ("internal", "public", "match"),
+    [
+        ("cmpl-ab", "cmpl-ab", True),
+        ("cmpl-ab-0-1f2e3d4c", "cmpl-ab", True),  # prompt 0, engine suffix
+        ("3_cmpl-ab-0-1f2e3d4c", "cmpl-ab", True),  # sample 3 of n > 1
+        ("cmpl-abc-0-1f2e3d4c", "cmpl-ab", False),  # another id sharing a prefix
+        ("x_cmpl-ab-0", "cmpl-ab", False),
+        ("cmpl-ab", "cmpl-ab-0", False),
+    ],
+)
+def test_request_id_matching(internal: str, public: str, match: bool) -> None:
+    assert matches_request_id(internal, public) is match
+
+
+def table_with_requests() -> RequestTable:
+    table = RequestTable(defaults(), capacity=4)
+    ids = ["cmpl-a-0-11111111", "0_cmpl-b-0-22222222", "1_cmpl-b-0-33333333"]
+    params = [SamplingParams(), SamplingParams(extra_args={"mode": "ar"}), SamplingParams()]
+    a, _, b1 = table.slots(ids, params)
+    table.nfe[a], table.blocks[a], table.decided[a] = 6, 2, 32
+    table.nfe[b1], table.blocks[b1], table.decided[b1] = 2, 1, 16
+    table.remove(ids[0])
+    return table
+
+
+def test_stats_filter_by_request_id_and_totals_only() -> None:
+    table = table_with_requests()
+    both = table.stats("cmpl-b")
+    assert sorted(both["requests"]) == ["0_cmpl-b-0-22222222", "1_cmpl-b-0-33333333"]
+    assert both["aggregate"]["nfe"] == 8  # totals always cover every request
+    assert table.stats("cmpl-zz")["requests"] == {}
+    totals = table.stats(include_requests=False)
+    assert totals["requests"] == {} and totals["aggregate"] == both["aggregate"]
+
+
+class FakeEngine:
+    """Answers ``collective_rpc("twotower_stats")`` like a two-rank engine."""
+
+    def __init__(self, table: RequestTable, architecture: str = ARCHITECTURE) -> None:
+        self.table = table
+        self.model_config = SimpleNamespace(architectures=[architecture], served_model_name="tiny")
+        self.calls = 0
+
+    async def collective_rpc(
+        self, method: str, timeout: float | None = None, args: tuple = (), kwargs: Any = None
+    ) -> list[dict[str, Any]]:
+        assert method == "twotower_stats"
+        self.calls += 1
+        return [self.table.stats(**kwargs), {"aggregate": {}, "requests": {}}]
+
+
+def serve() -> tuple[TestClient, TwoTowerStatsPlugin]:
+    app = FastAPI()
+    plugin = TwoTowerStatsPlugin()
+    plugin.attach_router(app)
+    return TestClient(app), plugin
+
+
+def metric(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + "{")]
+    assert 'model_name="tiny"' in line
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(stats_endpoint.INTERVAL_ENV, "3600")  # started, never due
+    table = table_with_requests()
+    client, plugin = serve()
+    with client:
+        client.portal.call(plugin.init_state, FakeEngine(table), client.app.state, Namespace())
+        assert plugin.source is not None and plugin.source._task is not None
+
+        whole = client.get(PATH).json()
+        assert len(whole["requests"]) == 3
+        assert whole["aggregate"]["steps_per_block"] == 8 / 3
+        one = client.get(PATH, params={"request_id": "cmpl-a"}).json()
+        assert list(one["requests"]) == ["cmpl-a-0-11111111"]
+        assert one["requests"]["cmpl-a-0-11111111"]["tokens_per_nfe"] == 32 / 6
+        missing = client.get(PATH, params={"request_id": "cmpl-nope"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["param"] == "request_id"
+        assert "request_id 'cmpl-nope'" in missing.json()["error"]["message"]
+
+        # The collector reports the snapshot the last stats call left.
+        table.nfe[table.slot_of["1_cmpl-b-0-33333333"]] += 4
+        text = generate_latest(REGISTRY).decode()
+        assert metric(text, "vllm:twotower_denoiser_passes_total") == 8
+        client.get(PATH)
+        text = generate_latest(REGISTRY).decode()
+        assert metric(text, "vllm:twotower_denoiser_passes_total") == 12
+        assert metric(text, "vllm:twotower_diffusion_blocks_total") == 3
+        assert metric(text, "vllm:twotower_denoised_tokens_total") == 48
+        assert metric(text, "vllm:twotower_tokens_per_denoiser_pass") == 4.0
+        assert metric(text, "vllm:twotower_denoiser_passes_per_block") == 4.0
+        task = plugin.source._task
+    assert task is not None and task.cancelled() and plugin.source._task is None
+
+    # A second app in the same process re-points the one registered collector.
+    client, plugin = serve()
+    with client:
+        client.portal.call(
+            plugin.init_state, FakeEngine(RequestTable(defaults())), client.app.state, Namespace()
+        )
+        text = generate_latest(REGISTRY).decode()
+        assert metric(text, "vllm:twotower_denoiser_passes_total") == 0
+
+
+def test_other_models_get_a_404(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(stats_endpoint.INTERVAL_ENV, "0")
+    engine = FakeEngine(RequestTable(defaults()), architecture="LlamaForCausalLM")
+    client, plugin = serve()
+    with client:
+        client.portal.call(plugin.init_state, engine, client.app.state, Namespace())
+        assert client.get(PATH).status_code == 404
+    assert engine.calls == 0
+
+
+def test_a_late_reply_never_replaces_newer_totals() -> None:
+    async def scenario() -> int:
+        replies: list[asyncio.Future[list[dict[str, Any]]]] = []
+
+        class Engine:
+            async def collective_rpc(self, method: str, **_: Any) -> list[dict[str, Any]]:
+                replies.append(asyncio.get_running_loop().create_future())
+                return await replies[-1]
+
+        source = StatsSource(Engine(), "tiny")  # type: ignore[arg-type]
+        first = asyncio.ensure_future(source.fetch())
+        second = asyncio.ensure_future(source.fetch())
+        while len(replies) < 2:
+            await asyncio.sleep(0)
+        replies[1].set_result([{"aggregate": {"nfe": 2}, "requests": {}}])
+        await second
+        replies[0].set_result([{"aggregate": {"nfe": 1}, "requests": {}}])
+        await first
+        return source.aggregate["nfe"]
+
+    assert asyncio.run(scenario()) == 2
+
+
+def test_interval_must_be_a_nonnegative_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(stats_endpoint.INTERVAL_ENV, "soon")
+    with pytest.raises(ValueError, match=stats_endpoint.INTERVAL_ENV):
+        stats_endpoint.interval_from_env()
+    monkeypatch.delenv(stats_endpoint.INTERVAL_ENV)
+    assert stats_endpoint.interval_from_env() == stats_endpoint.DEFAULT_INTERVAL_S
