@@ -82,3 +82,16 @@ def test_stats_cover_live_and_finished_requests() -> None:
     }  # fmt: skip
     assert stats["requests"]["b"]["nfe"] == 0
     assert stats["aggregate"]["steps_per_block"] == 3.0
+
+
+def test_unseeded_requests_draw_the_same_seeds_on_every_rank() -> None:
+    """Each tensor-parallel rank has its own table and samples its own tokens: a request that
+    brings no seed must still get the same noise seed on every rank (vLLM's ``--seed``)."""
+    ranks = [RequestTable(defaults(), capacity=2, seed=7) for _ in range(2)]
+    sampled = SamplingParams(temperature=0.8)
+    slots = [table.slots(["a", "b"], [sampled, sampled]) for table in ranks]
+    assert [int(ranks[0].seed[s]) for s in slots[0]] == [int(ranks[1].seed[s]) for s in slots[1]]
+    assert ranks[0].seed[slots[0][0]] != ranks[0].seed[slots[0][1]]
+    other = RequestTable(defaults(), capacity=2, seed=8)
+    (slot,) = other.slots(["a"], [sampled])
+    assert other.seed[slot] != ranks[0].seed[slots[0][0]]  # the server seed decides the draw

@@ -65,13 +65,16 @@ class RequestTable:
     #: How many finished requests' stats are kept for the stats RPC.
     FINISHED_KEPT = 10_000
 
-    def __init__(self, defaults: ServerDefaults, capacity: int = 64) -> None:
+    def __init__(self, defaults: ServerDefaults, capacity: int = 64, seed: int = 0) -> None:
         self.defaults = defaults
         self.slot_of: dict[str, int] = {}
         self.finished: OrderedDict[str, RequestStats] = OrderedDict()
         self.total = RequestStats("all", 0, 0, 0)
         self._free: list[int] = []
-        self._rng = random.Random()
+        # Seeds for requests that bring none.  Seeded (from vLLM's ``--seed``) because every
+        # tensor-parallel rank samples its own tokens and feeds them to its next step: an
+        # unseeded draw would give each rank different tokens for the same request.
+        self._rng = random.Random(seed)
         self.capacity = 0
         self._grow(capacity)
 

@@ -52,7 +52,9 @@ class TwoTowerRunnerMixin:
         defaults = ServerDefaults.from_hf_config(
             read_diffusion_defaults(self.model_config.model), max_block_size(hf_config), hf_config
         )
-        self.tt_requests = RequestTable(defaults, capacity=self.max_num_reqs)
+        self.tt_requests = RequestTable(
+            defaults, capacity=self.max_num_reqs, seed=self.model_config.seed
+        )
         self.tt_mask_id = defaults.diffusion.mask_token_id
         self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self._tt_reader: ContextReader | None = None
