@@ -100,15 +100,16 @@ def test_unknown_split_rejected() -> None:
 @pytest.mark.parametrize(
     ("family", "prompt", "answer"),
     [
-        ("add", "347+58=", "405"),
-        ("sub", "347-58=", "289"),
+        ("add", "347+58=", "504"),
+        ("sub", "347-58=", "982"),
         ("copy", "copy(QWERTY)=", "QWERTY"),
         ("reverse", "rev(QWERTY)=", "YTREWQ"),
         ("sort", "sort(QWERTY)=", "EQRTWY"),
         ("count", "count(B,ABBCEB)=", "3"),
         ("recall", "K=QX;B=MRT;C=PZ;get(B)=", "MRT"),
         ("code", "def f(x,y):return x-y+3;f(12,7)=", "8"),
-        ("code", "def f(x,y):return y-x-x;f(9,0)=", "-18"),
+        ("code", "def f(x,y):return y-x-x;f(9,0)=", "-81"),
+        ("code", "def f(x,y):return x-y;f(30,3)=", "72"),
     ],
 )
 def test_known_answers(family: str, prompt: str, answer: str) -> None:
