@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log", type=Path, default=None, help="JSON-lines loss log (default: runs/)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument(
         "--stages", default="ar,diffusion", help="comma-separated subset of ar,diffusion"
     )
