@@ -133,22 +133,16 @@ def make_engine(checkpoint: Path, max_num_seqs: int) -> Any:
 
 
 def timed_generate(llm: Any, wave: list[Any], params: Any, row: Measurement) -> list[Any]:
-    """Generate one wave; add its wall time, output tokens, denoiser passes and blocks to
-    ``row`` (passes and blocks from the plugin's stats RPC, read before and after)."""
+    """Generate one wave and add its wall time, output tokens, passes and blocks to ``row``."""
+    from vllm_twotower.engine.offline import timed_generate as timed_call  # needs vLLM
 
-    def stats() -> dict[str, Any]:
-        return llm.collective_rpc("twotower_stats")[0]["aggregate"]
-
-    before = stats()
-    start = time.perf_counter()
-    outputs = llm.generate(wave, params, use_tqdm=False)
-    row.seconds += time.perf_counter() - start
-    after = stats()
-    row.requests += len(outputs)
-    row.tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-    row.nfe += after["nfe"] - before["nfe"]
-    row.blocks += after["blocks"] - before["blocks"]
-    return outputs
+    timed = timed_call(llm, wave, params)
+    row.seconds += timed.seconds
+    row.requests += len(timed.outputs)
+    row.tokens += timed.tokens
+    row.nfe += timed.nfe
+    row.blocks += timed.blocks
+    return timed.outputs
 
 
 def measure_engine(

@@ -11,7 +11,6 @@ the denoiser passes (NFE) with tokens per pass, read from the plugin's stats RPC
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
@@ -29,22 +28,20 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams  # imported late: `--help` needs no engine
 
+    from vllm_twotower.engine.offline import timed_generate
+
     llm = LLM(model=str(args.checkpoint), **EMBEDDED_ENGINE_ARGS)
     examples = generate_split("test", args.num_prompts, seed=0)
     prompts = [e.prompt for e in examples]
     print(f"checkpoint: {args.checkpoint}, {len(prompts)} prompts, greedy")
+    print("(arithmetic answers are written least-significant digit first: 347+58= -> 504)")
     for mode in MODES:
         params = SamplingParams(
             max_tokens=args.max_new_tokens, temperature=0.0, extra_args={"mode": mode}
         )
-        before = llm.collective_rpc("twotower_stats")[0]["aggregate"]
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        after = llm.collective_rpc("twotower_stats")[0]["aggregate"]
-        texts = [o.outputs[0].text for o in outputs]
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        nfe = after["nfe"] - before["nfe"]
+        wave = timed_generate(llm, prompts, params)
+        texts = [o.outputs[0].text for o in wave.outputs]
+        tokens, elapsed, nfe = wave.tokens, wave.seconds, wave.nfe
         accuracy = accuracy_by_family(examples, texts)["all"]
         per_pass = f"{tokens / nfe:.2f} tokens per denoiser pass" if nfe else "no denoiser"
         print(
