@@ -31,7 +31,7 @@ import torch
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
 from vllm_twotower.data import FAMILY_NAMES, Example, generate_split, is_correct, load_tokenizer
-from vllm_twotower.params import AR, MASK_DIFFUSION, TwoTowerParams
+from vllm_twotower.params import AR, MASK_DIFFUSION, TwoTowerParams, resolve_params
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -199,11 +199,17 @@ def main() -> None:
     model = TwoTowerModel.from_pretrained(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     examples = generate_split("test", args.n_per_family * len(FAMILY_NAMES), args.seed)
-    d = model.config.diffusion
-    rows = [Row("ar", TwoTowerParams(mode=AR))]
-    for g in args.thresholds:
-        params = TwoTowerParams(MASK_DIFFUSION, d.block_size, d.steps_per_block, g)
-        rows.append(Row(f"diffusion γ = {g:g}", params))
+    config = model.config
+
+    def params(**extra_args: object) -> TwoTowerParams:
+        # What an engine request with these extra_args gets: the checkpoint's defaults filled in.
+        return resolve_params(extra_args, config.diffusion, config.max_block_size)
+
+    rows = [Row("ar", params(mode=AR))]
+    rows += [
+        Row(f"diffusion γ = {g:g}", params(mode=MASK_DIFFUSION, confidence_threshold=g))
+        for g in args.thresholds
+    ]
     for row in rows:
         evaluate(model, tokenizer, examples, row, args.max_new_tokens)
         print(
