@@ -119,11 +119,11 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
         got = list(out.outputs[0].token_ids)
         assert got == exp.output_ids, f"{case}: engine {got} != reference {exp.output_ids}"
     # Observability: denoiser passes per request, as the reference counts them.
-    stats = llm.collective_rpc("twotower_stats")[0]["requests"]
     for case, exp, out in zip(CASES, expected, outs, strict=True):
-        (key,) = [k for k in stats if k == out.request_id or k.startswith(out.request_id + "-")]
-        assert stats[key]["nfe"] == exp.nfe, case
-        assert stats[key]["mode"] == case.extra_args.get("mode", "mask_diffusion")
+        kwargs = {"request_id": out.request_id}  # the worker matches the engine's internal ids
+        (entry,) = llm.collective_rpc("twotower_stats", kwargs=kwargs)[0]["requests"].values()
+        assert entry["nfe"] == exp.nfe, case
+        assert entry["mode"] == case.extra_args.get("mode", "mask_diffusion")
     aggregate = llm.collective_rpc("twotower_stats")[0]["aggregate"]
     assert aggregate["tokens_per_nfe"] >= 1.0 and aggregate["steps_per_block"] >= 1.0
 
