@@ -18,6 +18,13 @@ def main(argv: list[str] | None = None) -> None:
         "--log", type=Path, default=None, help="JSON-lines loss log (default: runs/)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this checkpoint (e.g. --stages diffusion on a trained context tower)",
+    )
     parser.add_argument(
         "--stages", default="ar,diffusion", help="comma-separated subset of ar,diffusion"
     )
@@ -35,7 +42,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     log = args.log or Path("runs") / f"train-{args.out.name}-seed{settings.seed}.jsonl"
-    train(settings, args.out, log_path=log, stages=tuple(args.stages.split(",")))
+    train(
+        settings,
+        args.out,
+        log_path=log,
+        stages=tuple(args.stages.split(",")),
+        device=args.device,
+        init_from=args.init_from,
+    )
     print(f"wrote {args.out} (loss log: {log})")
 
 

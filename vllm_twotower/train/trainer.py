@@ -39,6 +39,7 @@ from vllm_twotower.train.batching import (
     block_items,
     encode_all,
 )
+from vllm_twotower.train.decoding import DecodeSpec, decode_exact_match
 from vllm_twotower.train.objectives import ar_loss, diffusion_loss
 
 
@@ -82,9 +83,26 @@ class TrainSettings:
     diffusion_steps: int = 1800
     diffusion_batch: int = 64
     diffusion_lr: float = 1e-3
+    diffusion_t_power: float = 1.0
+    diffusion_span_fraction: float = 0.0
     warmup: int = 100
     weight_decay: float = 0.01
     eval_every: int = 300
+    decode_threshold: float = 0.8
+
+
+#: Independent random streams of a run (see :func:`stream`).
+AR_STREAM, DIFFUSION_STREAM, VALIDATION_STREAM = 0, 1, 2
+
+
+def stream(seed: int, index: int) -> torch.Generator:
+    """Random stream ``index`` of the run with ``seed``.
+
+    Each stage draws from its own stream, so a stage rerun alone (stage 2 with ``--init-from``
+    a trained context tower) draws exactly what it draws in a full run.  Stream 0 is
+    ``manual_seed(seed)`` itself.
+    """
+    return torch.Generator().manual_seed(seed + 1_000_003 * index)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -203,35 +221,58 @@ def evaluate_ar(
     model.eval()
     losses, correct = [], []
     for i in range(0, len(val), batch):
-        b = ar_batch(val[i : i + batch])
+        b = ar_batch(val[i : i + batch]).to(model.device)
         loss, ok = ar_loss(model, b.inputs, b.targets, b.weights)
         losses.append(float(loss) * len(ok))
         correct.extend(ok.tolist())
     model.train()
-    metrics = {"val_loss": sum(losses) / len(val)}
+    metrics = {"val_loss": sum(losses) / len(val), **_family_means(correct, families, "acc")}
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def _family_means(correct: list[bool], families: list[str], prefix: str) -> dict[str, float]:
+    """``{prefix_<family>: accuracy, prefix_mean: mean over families}``."""
+    metrics = {}
     for family in FAMILY_NAMES:
         hits = [c for c, f in zip(correct, families, strict=True) if f == family]
-        metrics[f"acc_{family}"] = sum(hits) / max(1, len(hits))
-    metrics["acc_mean"] = sum(metrics[f"acc_{f}"] for f in FAMILY_NAMES) / len(FAMILY_NAMES)
-    return {k: round(v, 4) for k, v in metrics.items()}
+        metrics[f"{prefix}_{family}"] = sum(hits) / max(1, len(hits))
+    metrics[f"{prefix}_mean"] = sum(metrics[f"{prefix}_{f}"] for f in FAMILY_NAMES) / len(
+        FAMILY_NAMES
+    )
+    return metrics
 
 
 @torch.no_grad()
 def evaluate_diffusion(
-    model: TwoTowerModel, buckets: PrefixBuckets, seed: int, batch: int = 128
+    model: TwoTowerModel,
+    buckets: PrefixBuckets,
+    val: list[Encoded],
+    families: list[str],
+    settings: TrainSettings,
+    batch: int = 128,
 ) -> dict[str, float]:
-    """Validation masked-token loss and accuracy under fixed random masks."""
+    """Masked-token loss and accuracy under fixed random masks, and decoded exact match.
+
+    The decoded measure (``dec_*``: greedy mask diffusion at ``settings.decode_threshold``, see
+    :mod:`vllm_twotower.train.decoding`) is the one the quality suite reports; the masked-token
+    one can keep improving while it does not.
+    """
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = stream(settings.seed, VALIDATION_STREAM)
     total, count, hits = 0.0, 0, 0
     for prefixes, blocks in buckets.iter_all(batch):
         canvas, _ = add_noise(blocks, generator)
+        prefixes, canvas, blocks = (t.to(model.device) for t in (prefixes, canvas, blocks))
         loss, ok = diffusion_loss(model, prefixes, canvas, blocks)
         total += float(loss) * len(ok)
         count += len(ok)
         hits += int(ok.sum())
+    decoded = decode_exact_match(model, val, DecodeSpec(threshold=settings.decode_threshold))
     model.train()
-    return {"val_loss": round(total / count, 4), "val_masked_acc": round(hits / count, 4)}
+    metrics = {"val_loss": total / count, "val_masked_acc": hits / count}
+    metrics.update(_family_means(decoded.correct, families, "dec"))
+    metrics["dec_tokens_per_pass"] = decoded.tokens_per_pass
+    return {k: round(v, 4) for k, v in metrics.items()}
 
 
 def train(
@@ -241,12 +282,28 @@ def train(
     config: TwoTowerConfig | None = None,
     log_path: Path | None = None,
     stages: tuple[str, ...] = ("ar", "diffusion"),
+    device: str = "cpu",
+    init_from: Path | None = None,
 ) -> TwoTowerModel:
-    """Run the requested stages from a fresh model and write the checkpoint to ``out``."""
-    config = config or tasks_config()
+    """Run the requested stages and write the checkpoint to ``out``.
+
+    The model starts fresh, or from the checkpoint ``init_from`` (its architecture then wins
+    over ``config``): ``stages=("diffusion",)`` with ``init_from`` trains a new denoiser on a
+    trained context tower, which is how TwoTower itself is built on a frozen AR model.
+    Batches are drawn on the CPU from the seeded generator and moved to ``device``, so a CUDA
+    run sees the same data as a CPU run (its float rounding differs).
+    """
+    pretrained = None if init_from is None else TwoTowerModel.from_pretrained(init_from)
+    config = pretrained.config if pretrained is not None else config or tasks_config()
     torch.manual_seed(settings.seed)
     logger = Logger(log_path)
-    logger.log(stage="setup", settings=asdict(settings), config=config.to_hf_dict())
+    logger.log(
+        stage="setup",
+        settings=asdict(settings),
+        config=config.to_hf_dict(),
+        device=device,
+        init_from=None if init_from is None else str(init_from),
+    )
     tokenizer = build_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise ValueError(
@@ -256,19 +313,21 @@ def train(
     val_examples: list[Example] = generate_split("validation", settings.n_val, settings.seed)
     train_set, val_set = encode_all(tokenizer, train_examples), encode_all(tokenizer, val_examples)
     val_families = [e.family for e in val_examples]
-    model = init_model(config, settings.seed)
-    model.train()
-    generator = torch.Generator().manual_seed(settings.seed)
+    model = pretrained if pretrained is not None else init_model(config, settings.seed)
+    model.to(device).train()
 
     if "ar" in stages:
         tower = [*model.context_tower.parameters(), *model.context_lm_head.parameters()]
 
         batches = ar_batches(
-            train_set, settings.ar_batch, generator, answer_only=settings.ar_answer_only
+            train_set,
+            settings.ar_batch,
+            stream(settings.seed, AR_STREAM),
+            answer_only=settings.ar_answer_only,
         )
 
         def ar_step(step: int) -> torch.Tensor:
-            b = next(batches)
+            b = next(batches).to(device)
             return ar_loss(model, b.inputs, b.targets, b.weights)[0]
 
         _run_stage(
@@ -290,11 +349,18 @@ def train(
         denoiser = [p for p in model.parameters() if p.requires_grad]
         train_buckets = PrefixBuckets(block_items(train_set, size))
         val_buckets = PrefixBuckets(block_items(val_set, size))
+        generator = stream(settings.seed, DIFFUSION_STREAM)
 
         def diffusion_step(step: int) -> torch.Tensor:
             prefixes, blocks = train_buckets.sample(settings.diffusion_batch, generator)
-            canvas, _ = add_noise(blocks, generator)
-            return diffusion_loss(model, prefixes, canvas, blocks)[0]
+            canvas, _ = add_noise(
+                blocks,
+                generator,
+                t_power=settings.diffusion_t_power,
+                span_fraction=settings.diffusion_span_fraction,
+            )
+            batch = (t.to(device) for t in (prefixes, canvas, blocks))
+            return diffusion_loss(model, *batch)[0]
 
         _run_stage(
             "diffusion",
@@ -303,11 +369,11 @@ def train(
             settings.diffusion_lr,
             settings,
             diffusion_step,
-            lambda: evaluate_diffusion(model, val_buckets, settings.seed + 1),
+            lambda: evaluate_diffusion(model, val_buckets, val_set, val_families, settings),
             logger,
         )
 
-    model.eval()
+    model.to("cpu").eval()
     if out is not None:
         save_checkpoint(out, model.state_dict(), replace(config))
         save_tokenizer(out, tokenizer)
