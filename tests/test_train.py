@@ -31,6 +31,7 @@ from vllm_twotower.train.objectives import (
     denoiser_logits,
     diffusion_loss,
 )
+from vllm_twotower.train.plot import load as plot_load
 from vllm_twotower.train.trainer import init_denoiser, init_model
 
 
@@ -194,3 +195,17 @@ def test_embedded_checkpoint_is_the_trained_one() -> None:
     model = TwoTowerModel.from_pretrained(TWOTOWER_TASKS)
     towers = sum(p.numel() for p in model.context_tower.parameters())
     assert 1_000_000 < towers < 10_000_000
+
+
+def test_plot_merges_logs_with_a_rerun_stage(tmp_path: Path) -> None:
+    """``train.plot`` of a full run's log then a stage-2 rerun's: stage 2 is the rerun's."""
+    full, rerun = tmp_path / "full.jsonl", tmp_path / "rerun.jsonl"
+    first = [
+        {"stage": "setup"},
+        {"stage": "ar", "step": 0, "loss": 4.0},
+        {"stage": "diffusion", "step": 0, "loss": 3.0},
+    ]
+    full.write_text("\n".join(json.dumps(r) for r in first))
+    rerun.write_text(json.dumps({"stage": "diffusion", "step": 0, "loss": 2.0}))
+    records = plot_load([full, rerun])
+    assert [r.get("loss") for r in records] == [None, 4.0, 2.0]

@@ -1,8 +1,10 @@
-"""``python -m vllm_twotower.train.plot LOG.jsonl OUT.png``: loss curves of a training run.
+"""``python -m vllm_twotower.train.plot LOG.jsonl [LOG.jsonl ...] OUT.png``: training curves.
 
-Reads the JSON-lines log :mod:`vllm_twotower.train.trainer` writes and draws, per stage, the
-training loss (smoothed over 10 logged points) and the validation loss at each evaluation.
-Needs matplotlib (the ``dev`` extra).
+Reads the JSON-lines logs :mod:`vllm_twotower.train.trainer` writes (several when a stage was
+rerun alone with ``--init-from``) and draws, per stage, the training loss (smoothed over 10
+logged points), the validation loss at each evaluation and, on a second axis, the validation
+exact match that stage is judged by: teacher-forced greedy for the AR stage, greedy mask
+diffusion decoding for the denoiser.  Needs matplotlib (the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ TITLES = {
     "ar": "stage 1: context tower (AR, answer tokens)",
     "diffusion": "stage 2: denoiser (MDLM, masked positions)",
 }
+#: Per stage: the logged exact-match key and its legend label.
+EXACT_MATCH = {
+    "ar": ("acc_mean", "exact match (AR greedy)"),
+    "diffusion": ("dec_mean", "exact match (mask-diffusion decoding)"),
+}
 
 
-def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def load(paths: list[Path]) -> list[dict]:
+    """The records of several logs; a stage a later log trained replaces earlier logs' run of it."""
+    records: list[dict] = []
+    for path in paths:
+        new = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rerun = {r["stage"] for r in new if "loss" in r}
+        records = [r for r in records if r.get("stage") not in rerun] + new
+    return records
 
 
 def plot(records: list[dict], out: Path) -> None:
@@ -44,7 +57,16 @@ def plot(records: list[dict], out: Path) -> None:
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_title(TITLES[stage], fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
+        key, label = EXACT_MATCH[stage]
+        scored = [r for r in val if key in r]
+        if scored:
+            right = ax.twinx()
+            right.plot([r["step"] for r in scored], [100 * r[key] for r in scored], "s--",
+                       color="C2", label=label)  # fmt: skip
+            right.set_ylim(0, 100)
+            right.set_ylabel("validation exact match (%)")
+            right.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -52,10 +74,10 @@ def plot(records: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("log", type=Path)
+    parser.add_argument("logs", type=Path, nargs="+", metavar="LOG")
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    plot(load(args.log), args.out)
+    plot(load(args.logs), args.out)
     print(f"wrote {args.out}")
 
 
