@@ -166,32 +166,17 @@ class PrefixBuckets:
 
 
 def add_noise(
-    blocks: torch.Tensor,
-    generator: torch.Generator,
-    t_min: float = 1e-3,
-    *,
-    t_power: float = 1.0,
-    span_fraction: float = 0.0,
+    blocks: torch.Tensor, generator: torch.Generator, t_min: float = 1e-3
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MDLM forward process on clean blocks ``[B, S]``: ``(noisy canvas, masked [B, S] bool)``.
 
-    Per row ``t = t_min + (1 - t_min) u^t_power`` with ``u ~ U[0, 1]`` (``t_power = 1``: the
-    spec's uniform ``t``) and every position is masked with probability ``t``.  A fraction
-    ``span_fraction`` of the rows instead masks one contiguous span of ``round(t S)`` positions
-    at a random offset.  A row that drew no mask gets one random position masked (it would carry
-    no loss otherwise).  The time the denoiser is conditioned on is the row's *actual* masked
-    fraction, as at inference.
+    Per row ``t ~ U[t_min, 1]`` and every position is masked with probability ``t``.  A row that
+    drew no mask gets one random position masked (it would carry no loss otherwise).  The time
+    the denoiser is conditioned on is the row's *actual* masked fraction, as at inference.
     """
     rows, size = blocks.shape
-    t = t_min + (1 - t_min) * torch.rand(rows, 1, generator=generator) ** t_power
+    t = t_min + (1 - t_min) * torch.rand(rows, 1, generator=generator)
     masked = torch.rand(rows, size, generator=generator) < t
-    if span_fraction > 0:  # draws nothing otherwise: the uniform-mask stream stays as it was
-        spans = torch.rand(rows, generator=generator) < span_fraction
-        length = (t.squeeze(1) * size).round().long()
-        offset = (torch.rand(rows, generator=generator) * (size - length + 1)).long()
-        position = torch.arange(size)
-        in_span = (position >= offset[:, None]) & (position < (offset + length)[:, None])
-        masked = torch.where(spans[:, None], in_span, masked)
     forced = torch.randint(size, (rows,), generator=generator)
     empty = ~masked.any(dim=1)
     masked[empty, forced[empty]] = True

@@ -83,8 +83,6 @@ class TrainSettings:
     diffusion_steps: int = 1800
     diffusion_batch: int = 64
     diffusion_lr: float = 1e-3
-    diffusion_t_power: float = 1.0
-    diffusion_span_fraction: float = 0.0
     warmup: int = 100
     weight_decay: float = 0.01
     eval_every: int = 300
@@ -353,12 +351,7 @@ def train(
 
         def diffusion_step(step: int) -> torch.Tensor:
             prefixes, blocks = train_buckets.sample(settings.diffusion_batch, generator)
-            canvas, _ = add_noise(
-                blocks,
-                generator,
-                t_power=settings.diffusion_t_power,
-                span_fraction=settings.diffusion_span_fraction,
-            )
+            canvas, _ = add_noise(blocks, generator)
             batch = (t.to(device) for t in (prefixes, canvas, blocks))
             return diffusion_loss(model, *batch)[0]
 
