@@ -80,7 +80,7 @@ class TrainSettings:
     ar_batch: int = 64
     ar_lr: float = 2e-3
     ar_answer_only: bool = True
-    diffusion_steps: int = 1800
+    diffusion_steps: int = 3600
     diffusion_batch: int = 64
     diffusion_lr: float = 1e-3
     warmup: int = 100
