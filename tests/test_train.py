@@ -24,7 +24,7 @@ from vllm_twotower.train.batching import (
     block_items,
     encode_all,
 )
-from vllm_twotower.train.decoding import DecodeSpec, decode_exact_match
+from vllm_twotower.train.decoding import decode_exact_match
 from vllm_twotower.train.objectives import (
     ar_loss,
     context_state,
@@ -167,9 +167,8 @@ def test_batched_decoding_equals_reference_generation() -> None:
     model = TwoTowerModel.from_pretrained(TWOTOWER_TASKS)
     examples = generate_split("test", 24, seed=0)
     items = encode_all(build_tokenizer(), examples)
-    spec = DecodeSpec(threshold=0.8, max_new_tokens=32)
-    outcome = decode_exact_match(model, items, spec, batch=5)
     params = TwoTowerParams(mode=MASK_DIFFUSION, confidence_threshold=0.8)
+    outcome = decode_exact_match(model, items, params, max_new_tokens=32, batch=5)
     prompts = [item.ids[: item.answer_start] for item in items]
     results = generate(model, prompts, params, SamplingSpec(max_new_tokens=32))
     for item, result, correct in zip(items, results, outcome.correct, strict=True):

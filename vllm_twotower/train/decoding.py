@@ -25,19 +25,10 @@ import torch
 
 from vllm_twotower.commit import commit_step
 from vllm_twotower.data import EOS_ID, MASK_ID
+from vllm_twotower.params import MASK_DIFFUSION, TwoTowerParams
 from vllm_twotower.reference.model import TwoTowerModel
 from vllm_twotower.train.batching import Encoded
 from vllm_twotower.train.objectives import context_state, denoiser_logits
-
-
-@dataclass(frozen=True)
-class DecodeSpec:
-    """The decoding setting: γ, block size S, steps per block T and the generation budget."""
-
-    threshold: float = 0.8
-    block_size: int = 16
-    steps_per_block: int = 16
-    max_new_tokens: int = 32
 
 
 @dataclass
@@ -54,14 +45,14 @@ class DecodeOutcome:
 
 
 def _decode_group(
-    model: TwoTowerModel, prompts: torch.Tensor, spec: DecodeSpec
+    model: TwoTowerModel, prompts: torch.Tensor, params: TwoTowerParams, max_new_tokens: int
 ) -> tuple[torch.Tensor, int, int]:
     """Decode prompts of equal length ``[B, P]``: ``(generated ids [B, n·S], passes, committed)``.
 
     Passes and committed tokens count only rows that had not yet produced EOS, as a server
     stops a request once a block contains it.
     """
-    rows, size = prompts.shape[0], spec.block_size
+    rows, size = prompts.shape[0], params.block_size
     device = prompts.device
 
     def per_row(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -69,19 +60,19 @@ def _decode_group(
 
     sequence, finished = prompts, torch.zeros(rows, dtype=torch.bool, device=device)
     passes = committed = 0
-    for _ in range(math.ceil(spec.max_new_tokens / size)):
+    for _ in range(math.ceil(max_new_tokens / size)):
         context = context_state(model, sequence)
         canvas = torch.full((rows, size), MASK_ID, dtype=torch.long, device=device)
-        for step in range(spec.steps_per_block):
+        for step in range(params.steps_per_block):
             if not bool((canvas == MASK_ID).any()):
                 break
             result = commit_step(
                 denoiser_logits(model, canvas, context),
                 canvas,
                 mask_id=MASK_ID,
-                threshold=per_row(spec.threshold, torch.float32),
+                threshold=per_row(params.confidence_threshold, torch.float32),
                 step=per_row(step, torch.long),
-                steps_per_block=per_row(spec.steps_per_block, torch.long),
+                steps_per_block=per_row(params.steps_per_block, torch.long),
                 temperature=per_row(0.0, torch.float32),
                 seed=per_row(0, torch.long),
                 block_start=per_row(sequence.shape[1], torch.long),
@@ -99,9 +90,20 @@ def _decode_group(
 
 @torch.no_grad()
 def decode_exact_match(
-    model: TwoTowerModel, items: Sequence[Encoded], spec: DecodeSpec, batch: int = 128
+    model: TwoTowerModel,
+    items: Sequence[Encoded],
+    params: TwoTowerParams,
+    *,
+    max_new_tokens: int = 32,
+    batch: int = 128,
 ) -> DecodeOutcome:
-    """Greedy mask diffusion on every item's prompt; correct = answer and ``<eos>`` reproduced."""
+    """Greedy mask diffusion on every item's prompt; correct = answer and ``<eos>`` reproduced.
+
+    ``params`` are a request's (γ, S, T; its mode must be mask diffusion), ``max_new_tokens``
+    the generation budget, as in the quality suite.
+    """
+    if params.mode != MASK_DIFFUSION:
+        raise ValueError(f"decode_exact_match decodes mask diffusion, not {params.mode!r}")
     device = model.device
     by_length: dict[int, list[int]] = {}
     for index, item in enumerate(items):
@@ -112,7 +114,7 @@ def decode_exact_match(
         for i in range(0, len(indices), batch):
             chunk = indices[i : i + batch]
             prompts = torch.tensor([items[j].ids[:length] for j in chunk], device=device)
-            generated, passes, committed = _decode_group(model, prompts, spec)
+            generated, passes, committed = _decode_group(model, prompts, params, max_new_tokens)
             outcome.passes += passes
             outcome.committed += committed
             for row, j in enumerate(chunk):

@@ -28,6 +28,7 @@ from vllm_twotower.data import (
     generate_split,
     save_tokenizer,
 )
+from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference.model import TwoTowerModel
 from vllm_twotower.tools.make_tiny import init_random, tiny_config
 from vllm_twotower.train.batching import (
@@ -39,7 +40,7 @@ from vllm_twotower.train.batching import (
     block_items,
     encode_all,
 )
-from vllm_twotower.train.decoding import DecodeSpec, decode_exact_match
+from vllm_twotower.train.decoding import decode_exact_match
 from vllm_twotower.train.objectives import ar_loss, diffusion_loss
 
 
@@ -265,7 +266,8 @@ def evaluate_diffusion(
         total += float(loss) * len(ok)
         count += len(ok)
         hits += int(ok.sum())
-    decoded = decode_exact_match(model, val, DecodeSpec(threshold=settings.decode_threshold))
+    params = TwoTowerParams(confidence_threshold=settings.decode_threshold)
+    decoded = decode_exact_match(model, val, params)
     model.train()
     metrics = {"val_loss": total / count, "val_masked_acc": hits / count}
     metrics.update(_family_means(decoded.correct, families, "dec"))
