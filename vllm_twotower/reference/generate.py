@@ -15,7 +15,7 @@ Conventions shared with the engine:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +150,50 @@ def _generate_mock_ar(
         last = last.new_tensor([token])
 
 
+def fill_blocks(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    rows: int,
+    params: TwoTowerParams,
+    *,
+    mask_id: int,
+    block_start: int,
+    device: torch.device,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
+
+    ``logits_of(canvas [rows, S]) -> [rows, S, V]`` is the denoiser pass (its time conditioning
+    included).  Returns ``(blocks [rows, S], positions decided by each pass [rows])``; passes
+    stop once no row holds a mask.  The reference calls it with one row; stage-2 validation
+    (:mod:`vllm_twotower.train.decoding`) with a batch of equal-length prompts.
+    """
+    size, steps = params.block_size, params.steps_per_block
+    canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+    per_pass = []
+
+    def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((rows,), value, dtype=dtype, device=device)
+
+    for step in range(steps):
+        if not bool((canvas == mask_id).any()):
+            break
+        committed = commit_step(
+            logits_of(canvas),
+            canvas,
+            mask_id=mask_id,
+            threshold=per_row(params.confidence_threshold, torch.float32),
+            step=per_row(step, torch.long),
+            steps_per_block=per_row(steps, torch.long),
+            temperature=per_row(temperature, torch.float32),
+            seed=per_row(seed, torch.long),
+            block_start=per_row(block_start, torch.long),
+        )
+        canvas = committed.canvas
+        per_pass.append(committed.num_committed)
+    return canvas, per_pass
+
+
 def denoise_block(
     model: TwoTowerModel,
     context: ContextState,
@@ -158,32 +202,22 @@ def denoise_block(
 ) -> tuple[torch.Tensor, list[int]]:
     """Fill one block of ``[MASK]`` after ``context``; return ``(block ids, tokens per pass)``."""
     mask_id = model.config.diffusion.mask_token_id
-    size, steps = params.block_size, params.steps_per_block
-    canvas = torch.full((1, size), mask_id, dtype=torch.long, device=model.device)
-    per_pass = []
 
-    def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([value], dtype=dtype, device=model.device)
+    def logits_of(canvas: torch.Tensor) -> torch.Tensor:
+        t = int((canvas == mask_id).sum()) / params.block_size
+        return model.denoise(canvas[0], context, t=t)[None]
 
-    for step in range(steps):
-        masked = int((canvas == mask_id).sum())
-        if masked == 0:
-            break
-        logits = model.denoise(canvas[0], context, t=masked / size)
-        committed = commit_step(
-            logits[None],
-            canvas,
-            mask_id=mask_id,
-            threshold=per_row(params.confidence_threshold, torch.float32),
-            step=per_row(step, torch.long),
-            steps_per_block=per_row(steps, torch.long),
-            temperature=per_row(sampling.temperature, torch.float32),
-            seed=per_row(fold_seed(sampling.seed), torch.long),
-            block_start=per_row(context.length, torch.long),
-        )
-        canvas = committed.canvas
-        per_pass.append(int(committed.num_committed[0]))
-    return canvas[0], per_pass
+    block, per_pass = fill_blocks(
+        logits_of,
+        1,
+        params,
+        mask_id=mask_id,
+        block_start=context.length,
+        device=model.device,
+        temperature=sampling.temperature,
+        seed=fold_seed(sampling.seed),
+    )
+    return block[0], [int(n[0]) for n in per_pass]
 
 
 def _generate_diffusion(

@@ -9,7 +9,8 @@ and tokens committed per denoiser pass.
 
 The decoding is the reference semantics in batched form: the batched denoiser pass of
 :mod:`vllm_twotower.train.objectives` (equal to :meth:`TwoTowerModel.denoise` row by row) and
-the project's one commit rule (:func:`vllm_twotower.commit.commit_step`).  Items are grouped by
+the reference's block loop over the project's one commit rule
+(:func:`vllm_twotower.reference.generate.fill_blocks`).  Items are grouped by
 prompt length, so no row carries padding; the context of each block is re-read from scratch
 (the reference extends it from the cached state instead: the same computation up to float
 rounding).
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_twotower.commit import commit_step
 from vllm_twotower.data import EOS_ID, MASK_ID
 from vllm_twotower.params import MASK_DIFFUSION, TwoTowerParams
+from vllm_twotower.reference.generate import fill_blocks
 from vllm_twotower.reference.model import TwoTowerModel
 from vllm_twotower.train.batching import Encoded
 from vllm_twotower.train.objectives import context_state, denoiser_logits
@@ -54,33 +55,22 @@ def _decode_group(
     """
     rows, size = prompts.shape[0], params.block_size
     device = prompts.device
-
-    def per_row(value: float, dtype: torch.dtype) -> torch.Tensor:
-        return torch.full((rows,), value, dtype=dtype, device=device)
-
     sequence, finished = prompts, torch.zeros(rows, dtype=torch.bool, device=device)
     passes = committed = 0
     for _ in range(math.ceil(max_new_tokens / size)):
         context = context_state(model, sequence)
-        canvas = torch.full((rows, size), MASK_ID, dtype=torch.long, device=device)
-        for step in range(params.steps_per_block):
-            if not bool((canvas == MASK_ID).any()):
-                break
-            result = commit_step(
-                denoiser_logits(model, canvas, context),
-                canvas,
-                mask_id=MASK_ID,
-                threshold=per_row(params.confidence_threshold, torch.float32),
-                step=per_row(step, torch.long),
-                steps_per_block=per_row(params.steps_per_block, torch.long),
-                temperature=per_row(0.0, torch.float32),
-                seed=per_row(0, torch.long),
-                block_start=per_row(sequence.shape[1], torch.long),
-            )
-            live = ~finished & (result.num_committed > 0)
+        canvas, per_pass = fill_blocks(
+            lambda canvas, context=context: denoiser_logits(model, canvas, context),
+            rows,
+            params,
+            mask_id=MASK_ID,
+            block_start=sequence.shape[1],
+            device=device,
+        )
+        for decided in per_pass:
+            live = ~finished & (decided > 0)
             passes += int(live.sum())
-            committed += int(result.num_committed[live].sum())
-            canvas = result.canvas
+            committed += int(decided[live].sum())
         sequence = torch.cat([sequence, canvas], dim=1)
         finished |= (canvas == EOS_ID).any(dim=1)
         if bool(finished.all()):
