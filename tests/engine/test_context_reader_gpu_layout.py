@@ -115,6 +115,7 @@ def _fake_runner(
             num_reqs=table.shape[0],
         ),
         optimistic_seq_lens_cpu=torch.tensor(BATCH_LENGTHS),
+        device=torch.device("cpu"),
     )
 
 
@@ -154,11 +155,11 @@ def _write_and_read(
     context = ContextReader(_fake_runner(spec, layers, table)).read(READ_ROWS, kv_lens)
 
     assert sorted(context.kv) == [1, 3]
+    assert torch.equal(context.kv_lens, kv_lens)
     for name in LAYERS:
-        keys, values, lengths = context.kv[int(name.split(".")[2])]
+        keys, values = context.kv[int(name.split(".")[2])]
         assert keys.shape == values.shape == (len(READ_ROWS), max(BATCH_LENGTHS), HEADS, HEAD_SIZE)
         assert keys.dtype == values.dtype == dtype
-        assert torch.equal(lengths, kv_lens)
         for i, row in enumerate(READ_ROWS.tolist()):
             k, v = written[name, row]
             assert torch.equal(keys[i, : len(k)], k)

@@ -190,8 +190,10 @@ class ContextReader:
         for layer in self.attention:
             table = block_tables[layer.group].block_table.cpu[rows]
             keys, values = self._gather_kv(layer.module, table, kv_lens, layer.spec)
-            kv[layer.index] = (keys, values, kv_lens)
-        return BlockContext(kv=kv, mamba=self.read_mamba(rows))
+            kv[layer.index] = (keys, values)
+        return BlockContext(
+            kv=kv, kv_lens=kv_lens.to(self.runner.device), mamba=self.read_mamba(rows)
+        )
 
     def read_mamba(self, rows: torch.Tensor) -> MambaStates:
         """Copies of the Mamba conv (``[R, conv_dim, K-1]``) and SSM states of batch ``rows``."""

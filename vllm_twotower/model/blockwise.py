@@ -36,21 +36,39 @@ MambaStates = dict[int, tuple[torch.Tensor, torch.Tensor]]
 class BlockContext:
     """What a block pass reads of the context tower, for a batch of ``B`` rows.
 
-    ``kv[l] = (k, v, length)``: context keys/values of attention layer ``l``,
-    ``[B, P, kv_heads, head_dim]`` padded to the longest context, and ``length [B]``.
+    ``kv[l] = (k, v)``: context keys/values of attention layer ``l``,
+    ``[B, P, kv_heads, head_dim]`` padded to the longest context; ``kv_lens [B]`` how many of
+    the ``P`` positions are each row's (every attention layer caches the same tokens).
     ``mamba[l] = (conv, ssm)``: layer ``l``'s conv state ``[B, conv_dim, K-1]`` (oldest input
     first) and SSM state ``[B, heads, head_dim, N]`` (float32).
     """
 
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kv_lens: torch.Tensor
     mamba: MambaStates
 
     def select(self, rows: torch.Tensor) -> BlockContext:
         """The context of a subset of the batch."""
         return BlockContext(
-            kv={i: (k[rows], v[rows], n[rows]) for i, (k, v, n) in self.kv.items()},
+            kv={i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()},
+            kv_lens=self.kv_lens[rows],
             mamba={i: (c[rows], s[rows]) for i, (c, s) in self.mamba.items()},
         )
+
+    def key_mask(
+        self, block_lens: torch.Tensor, size: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """``[B, P + size]``: the keys each row may attend to, its context then its block.
+
+        Built once per pass, on the pass's device (every attention layer shares it); ``None``
+        when there is no attention layer.
+        """
+        if not self.kv:
+            return None
+        padded = next(iter(self.kv.values()))[0].shape[1]
+        context = torch.arange(padded, device=device)[None, :] < self.kv_lens.to(device)[:, None]
+        block = torch.arange(size, device=device)[None, :] < block_lens.to(device)[:, None]
+        return torch.cat([context, block], dim=1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ def run_layers(
     feed-forward layers per token, so trailing padding cannot reach real positions).
     """
     batch, size, _ = x.shape
+    key_mask = context.key_mask(block_lens, size, x.device)
     states: MambaStates = {}
     for i, layer in enumerate(layers):
         mod = modulation[i][:, :, None, :] if modulation is not None else None  # [B, 3, 1, H]
@@ -94,7 +113,7 @@ def run_layers(
         if isinstance(layer, NemotronHMambaDecoderLayer):
             out, states[i] = _mamba(layer.mixer, h, *context.mamba[i], mamba_options)
         elif isinstance(layer, NemotronHAttentionDecoderLayer):
-            out = _attention(layer.mixer, h, *context.kv[i], block_lens, causal)
+            out = _attention(layer.mixer, h, *context.kv[i], key_mask, causal)
         else:
             out = layer.mixer(h.reshape(batch * size, -1)).view_as(h)
         x = x + (mod[:, 2] * out if mod is not None else out)
@@ -106,14 +125,13 @@ def _attention(
     h: torch.Tensor,
     ctx_k: torch.Tensor,
     ctx_v: torch.Tensor,
-    lengths: torch.Tensor,
-    block_lens: torch.Tensor,
+    key_mask: torch.Tensor,
     causal: bool,
 ) -> torch.Tensor:
     """Joint attention of every row's block over its context and its block, in one call.
 
-    Keys are ``concat(context padded to P, block)``; each row's padding (context positions past
-    its length, block positions past its block) is masked out.
+    Keys are ``concat(context padded to P, block)``; ``key_mask`` (see
+    :meth:`BlockContext.key_mask`) masks out each row's padding.
     """
     batch, size, _ = h.shape
     qkv, _ = mixer.qkv_proj(h.reshape(batch * size, -1))
@@ -123,13 +141,6 @@ def _attention(
     v = v.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
     keys = torch.cat([ctx_k.to(k.dtype), k], dim=1)
     values = torch.cat([ctx_v.to(v.dtype), v], dim=1)
-    key_mask = torch.cat(
-        [
-            torch.arange(ctx_k.shape[1])[None, :] < lengths[:, None],
-            torch.arange(size)[None, :] < block_lens[:, None],
-        ],
-        dim=1,
-    ).to(h.device)
     out = attend(q, keys, values, causal=causal, scale=mixer.scaling, key_mask=key_mask)
     result, _ = mixer.o_proj(out.reshape(batch * size, -1))
     return result.view(batch, size, -1)
