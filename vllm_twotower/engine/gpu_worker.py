@@ -3,6 +3,8 @@
 Not yet run on a GPU (no CUDA vLLM in CI or on the device machine): AR mode needs nothing
 device-specific; the denoising modes read the GPU backends' dense KV view through
 :class:`~vllm_twotower.engine.context_reader.ContextReader`, so far checked only on CPU tensors.
+The runner's denoising loop keeps its per-row tensors on ``runner.device`` and the request
+table on the CPU, moving between them at the loop's edges only.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ class TwoTowerRunnerMixin:
                 context = self.tt_reader.read(rows[r : r + 1], computed[r : r + 1])
                 context.mamba = row_states
                 ids = torch.from_numpy(token_ids[int(rows[r]), start:end].astype("int64"))
-                row_states = model.advance_context(ids[None], context)
+                row_states = model.advance_context(ids[None].to(self.device), context)
             for i, state in row_states.items():
                 states[i].append(state)
         context = self.tt_reader.read(rows, seq - 1)
@@ -198,14 +198,17 @@ class TwoTowerRunnerMixin:
             for i, v in states.items()
         }
         last = torch.from_numpy(token_ids[rows.numpy(), (seq - 1).numpy()].astype("int64"))
-        logits = model.denoise(last[:, None], context, None)[:, 0]
+        logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
         table = self.tt_requests
         table.nfe[slots] += 1
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
-            logits, mask_id=None, temperature=table.temperature[slots], row_keys=keys
+            logits,
+            mask_id=None,
+            temperature=table.temperature[slots].to(logits.device),
+            row_keys=keys.to(logits.device),
         )
-        return tokens.to(torch.int32)
+        return tokens.cpu().to(torch.int32)
 
     def _sample_ar(
         self, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
@@ -231,45 +234,54 @@ class TwoTowerRunnerMixin:
         Positions past a row's own block size hold the pad id (not the mask id), which the
         commit rule treats as decided, and are emitted as placeholders.
         """
-        table = self.tt_requests
-        mask_id = self.tt_mask_id
+        table, mask_id, device = self.tt_requests, self.tt_mask_id, self.device
         block_size = table.block_size[slots]
-        steps_per_block = table.steps_per_block[slots]
         width = int(block_size.max())
         inside = torch.arange(width)[None, :] < block_size[:, None]
-        canvas = torch.where(inside, mask_id, self.tt_pad_id).long()
         block_start = seq_lens[rows]
         context = self.tt_reader.read(rows, block_start)
-        step = torch.zeros(rows.numel(), dtype=torch.long)
+        # The denoising loop runs where the model does; the request table (CPU) is read once
+        # here and updated once per pass.
+        canvas = torch.where(inside, mask_id, self.tt_pad_id).long().to(device)
+        setting = {
+            "block_size": block_size,
+            "steps_per_block": table.steps_per_block[slots],
+            "threshold": table.threshold[slots],
+            "temperature": table.temperature[slots],
+            "seed": table.seed[slots],
+            "block_start": block_start,
+        }
+        setting = {name: value.to(device) for name, value in setting.items()}
+        step = torch.zeros(rows.numel(), dtype=torch.long, device=device)
         model = self.get_model()
-        active = torch.ones(rows.numel(), dtype=torch.bool)
+        active = torch.ones(rows.numel(), dtype=torch.bool, device=device)
         while bool(active.any()):
             idx = torch.nonzero(active).flatten()
             sub = canvas[idx]
-            masked = (sub == mask_id).sum(dim=-1)
-            t = masked.float() / block_size[idx].float()
+            row = {name: value[idx] for name, value in setting.items()}
+            t = (sub == mask_id).sum(dim=-1).float() / row["block_size"].float()
             # Rows leave as their blocks complete; until one does, no context copy is needed.
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
-            logits = model.denoise(sub, rows_context, t, block_size[idx])
-            s = slots[idx]
+            logits = model.denoise(sub, rows_context, t, row["block_size"])
             result = commit_step(
                 logits,
                 sub,
                 mask_id=mask_id,
-                threshold=table.threshold[s],
+                threshold=row["threshold"],
                 step=step[idx],
-                steps_per_block=steps_per_block[idx],
-                temperature=table.temperature[s],
-                seed=table.seed[s],
-                block_start=block_start[idx],
+                steps_per_block=row["steps_per_block"],
+                temperature=row["temperature"],
+                seed=row["seed"],
+                block_start=row["block_start"],
             )
             canvas[idx] = result.canvas
             step[idx] += 1
+            s = slots[idx.cpu()]
             table.nfe[s] += 1
-            table.decided[s] += result.num_committed
+            table.decided[s] += result.num_committed.cpu()
             active[idx] = (result.canvas == mask_id).any(dim=-1)
         table.blocks[slots] += 1
-        return torch.where(inside, canvas, PLACEHOLDER)
+        return torch.where(inside, canvas.cpu(), PLACEHOLDER)
 
 
 class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, CPUModelRunner):
