@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
+    "calibration": ["benchmarks/calibration.py", "--smoke", "--no-write"],
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
     "quality": ["benchmarks/quality.py", "--smoke"],  # writes to a temporary folder
     # starts the OpenAI server on loopback, runs vllm bench serve against it, stops it
