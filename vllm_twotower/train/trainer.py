@@ -77,16 +77,16 @@ class TrainSettings:
     seed: int = 0
     n_train: int = 150_000
     n_val: int = 800
-    ar_steps: int = 4500
+    ar_steps: int = 6000
     ar_batch: int = 64
     ar_lr: float = 2e-3
     ar_answer_only: bool = True
-    diffusion_steps: int = 3600
+    diffusion_steps: int = 3000
     diffusion_batch: int = 64
     diffusion_lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    eval_every: int = 300
+    eval_every: int = 500
     decode_threshold: float = 0.8
 
 
