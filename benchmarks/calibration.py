@@ -11,10 +11,11 @@ encoding).
 
 This runs that pass on every test-split prompt (the first block after the prompt, as
 served: ``t = 1``, the context tower's state after the prompt) and compares each position's
-prediction with the answer, up to and including its ``<eos>``.  Two tables: the precision of
-what the first pass would commit at each γ, per family; and accuracy against confidence over
-all answer positions (a reliability table).  They go between the ``calibration`` markers of
-``docs/quality.md``.
+prediction with the answer, up to and including its ``<eos>``.  Three tables: the precision
+of what the first pass would commit at each γ, per family; accuracy against confidence over
+all answer positions (a reliability table); and accuracy by offset in the block, per family,
+which tells a position that cannot find its offset from one that cannot find its letter.  They
+go between the ``calibration`` markers of ``docs/quality.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ QUALITY = Path(__file__).resolve().parent.parent / "docs" / "quality.md"
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 #: Upper edges of the reliability table's confidence bins (the first starts at 0).
 BIN_EDGES = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+#: Block offsets of the offset table; the last column pools this offset and those after it.
+OFFSETS = 9
 
 
 @dataclass
@@ -44,10 +47,13 @@ class Predictions:
 
     confidence: dict[str, list[float]] = field(default_factory=dict)
     correct: dict[str, list[bool]] = field(default_factory=dict)
+    offset: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, family: str, confidence: list[float], correct: list[bool]) -> None:
+        """One answer's positions, from block offset 0 on."""
         self.confidence.setdefault(family, []).extend(confidence)
         self.correct.setdefault(family, []).extend(correct)
+        self.offset.setdefault(family, []).extend(range(len(correct)))
 
     def pairs(self, families: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(confidence, correct)`` over ``families``' positions."""
@@ -130,6 +136,21 @@ def reliability_table(predictions: Predictions) -> list[str]:
     return lines
 
 
+def offset_table(predictions: Predictions) -> list[str]:
+    """Per family, the share of answer positions predicted right at each block offset."""
+    labels = [str(i) for i in range(OFFSETS - 1)] + [f"{OFFSETS - 1}+"]
+    lines = ["| family \\ offset | " + " | ".join(labels) + " |", "|" + "---|" * (OFFSETS + 1)]
+    for family in FAMILY_NAMES:
+        offsets = torch.tensor(predictions.offset.get(family, [])).clamp(max=OFFSETS - 1)
+        correct = torch.tensor(predictions.correct.get(family, []), dtype=torch.bool)
+        cells = [family]
+        for offset in range(OFFSETS):
+            at = offsets == offset
+            cells.append(f"{100 * float(correct[at].float().mean()):.0f}" if bool(at.any()) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(predictions: Predictions, checkpoint: Path, n_per_family: int) -> str:
     return "\n".join(
         [
@@ -143,6 +164,10 @@ def markdown(predictions: Predictions, checkpoint: Path, n_per_family: int) -> s
             *precision_table(predictions),
             "",
             *reliability_table(predictions),
+            "",
+            "Answer positions predicted right by the first pass (%), by offset in the block:",
+            "",
+            *offset_table(predictions),
         ]
     )
 
