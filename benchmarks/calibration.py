@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 from docsections import replace_section
+from tokenizers import Tokenizer
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
-from vllm_twotower.data import FAMILY_NAMES, MASK_ID, generate_split, load_tokenizer
+from vllm_twotower.data import FAMILY_NAMES, MASK_ID, Example, generate_split, load_tokenizer
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.train.batching import encode_all
 from vllm_twotower.train.objectives import context_state, denoiser_logits
@@ -63,7 +64,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def first_pass(model: TwoTowerModel, tokenizer, examples: list) -> Predictions:
+def first_pass(model: TwoTowerModel, tokenizer: Tokenizer, examples: list[Example]) -> Predictions:
     """Predictions of each prompt's first denoiser pass, batched by prompt length."""
     size = model.config.chunk_size
     by_length: dict[int, list[tuple[str, tuple[int, ...], tuple[int, ...]]]] = {}
