@@ -29,6 +29,7 @@ from docsections import replace_section
 from tokenizers import Tokenizer
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
+from vllm_twotower.commit import predict
 from vllm_twotower.data import FAMILY_NAMES, MASK_ID, Example, generate_split, load_tokenizer
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.train.batching import encode_all
@@ -76,8 +77,8 @@ def first_pass(model: TwoTowerModel, tokenizer: Tokenizer, examples: list[Exampl
         prompts = torch.tensor([prompt for _, prompt, _ in group])
         canvas = torch.full((len(group), size), MASK_ID)
         logits = denoiser_logits(model, canvas, context_state(model, prompts))
-        logits[..., MASK_ID] = float("-inf")  # as the commit rule does
-        confidence, predicted = logits.softmax(dim=-1).max(dim=-1)
+        greedy = torch.zeros(logits.shape[:-1])
+        predicted, confidence = predict(logits, mask_id=MASK_ID, temperature=greedy, row_keys=None)
         for row, (family, _, answer) in enumerate(group):
             n = len(answer)  # the answer and its <eos> (what the server returns)
             truth = torch.tensor(answer)
