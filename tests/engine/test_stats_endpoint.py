@@ -7,14 +7,20 @@ An app built here gets the plugin's route and lifespan; a fake engine client ans
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from argparse import Namespace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from vllm import SamplingParams
 
 from tests.engine.test_request_validation import defaults
@@ -163,6 +169,43 @@ def test_a_late_reply_never_replaces_newer_totals() -> None:
         return source.aggregate["nfe"]
 
     assert asyncio.run(scenario()) == 2
+
+
+#: An API server process under ``PROMETHEUS_MULTIPROC_DIR`` that fetches ``argv[1]`` as totals.
+API_SERVER_PROCESS = """
+import asyncio, json, sys
+from vllm_twotower.engine.stats_endpoint import StatsSource, install_collector
+
+class Engine:
+    async def collective_rpc(self, method, **kwargs):
+        return [{"aggregate": json.loads(sys.argv[1]), "requests": {}}]
+
+source = StatsSource(Engine(), "tiny")
+asyncio.run(source.fetch())
+install_collector(source)
+"""
+
+
+def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> None:
+    """Under ``PROMETHEUS_MULTIPROC_DIR`` each process writes its snapshot; ``/metrics`` merges
+    them to the largest totals (not their sum) and the most recent ratios."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    earlier = {"nfe": 8, "blocks": 2, "denoised_tokens": 32, "tokens_per_nfe": 4.0,
+               "steps_per_block": 4.0}  # fmt: skip
+    later = {"nfe": 12, "blocks": 3, "denoised_tokens": 48, "tokens_per_nfe": 3.5,
+             "steps_per_block": 3.0}  # fmt: skip
+    for aggregate in (earlier, later):
+        subprocess.run(
+            [sys.executable, "-c", API_SERVER_PROCESS, json.dumps(aggregate)], env=env, check=True
+        )
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry).decode()
+    assert metric(text, "vllm:twotower_denoiser_passes_total") == 12
+    assert metric(text, "vllm:twotower_diffusion_blocks_total") == 3
+    assert metric(text, "vllm:twotower_denoised_tokens_total") == 48
+    assert metric(text, "vllm:twotower_tokens_per_denoiser_pass") == 3.5
+    assert metric(text, "vllm:twotower_denoiser_passes_per_block") == 3.0
 
 
 def test_interval_must_be_a_nonnegative_number(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,11 +7,15 @@ endpoint-plugin contract is to reach them from the API server only through
 
 * ``GET /v1/twotower/stats[?request_id=<response id>]``: totals and per-request counters,
   fetched afresh on every call;
-* counters and gauges in the registry vLLM's ``/metrics`` serves, read from the latest
-  snapshot.  The worker's totals are cumulative, so a custom collector reports them as they
-  are instead of mirroring them into ``prometheus_client`` counters.  The snapshot is refreshed
-  every :data:`INTERVAL_ENV` seconds by a background task and by every stats call, so a scrape
-  right after a stats call reports the totals that call returned.
+* counters and gauges in what vLLM's ``/metrics`` serves, read from the latest snapshot.  The
+  worker's totals are cumulative, so a custom collector reports them as they are instead of
+  mirroring them into ``prometheus_client`` counters.  The snapshot is refreshed every
+  :data:`INTERVAL_ENV` seconds by a background task and by every stats call, so a scrape right
+  after a stats call reports the totals that call returned.
+* with several API server processes (``--api-server-count``), vLLM sets
+  ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` merges the metric files the processes write,
+  so a collector in one process is never asked.  Each process then writes the snapshot to its
+  file instead (:class:`MultiprocessGauges`).
 
 vLLM loads endpoint plugins only when they are named in ``VLLM_PLUGINS``, which is also the
 allowlist of general plugins: serve with ``VLLM_PLUGINS=twotower,twotower_stats``.
@@ -23,12 +27,12 @@ import asyncio
 import contextlib
 import os
 from argparse import Namespace
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.datastructures import State
@@ -99,6 +103,8 @@ class StatsSource:
         self._sent = 0
         self._newest = -1
         self._task: asyncio.Task[None] | None = None
+        #: Called with every newer :attr:`aggregate` (the multiprocess metric files' writer).
+        self.on_update: Callable[[Mapping[str, float]], None] | None = None
 
     async def fetch(
         self, request_id: str | None = None, include_requests: bool = True
@@ -116,6 +122,8 @@ class StatsSource:
         stats = replies[0]
         if order > self._newest:
             self._newest, self.aggregate = order, stats["aggregate"]
+            if self.on_update is not None:
+                self.on_update(self.aggregate)
         return stats
 
     def start(self, interval_s: float) -> None:
@@ -173,6 +181,33 @@ class TwoTowerCollector(Collector):
                 yield family
 
 
+class MultiprocessGauges:
+    """The snapshot as ``prometheus_client`` gauges, for ``/metrics`` under multiprocess mode.
+
+    Every API server process asks the same engine, so each holds the same totals, only fetched
+    at different moments.  Summing them, as multiprocess counters do, would count them once per
+    process; so the totals are gauges merged by ``max`` (they only grow: the largest is the
+    freshest) and keep their counter sample names (``..._total``), and the ratios are merged by
+    ``mostrecent``.  The exposition type of the totals is therefore ``gauge`` here.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.gauges = {
+            key: Gauge(f"{name}_total", doc, ["model_name"], registry=None, multiprocess_mode="max")
+            for name, key, doc in COUNTERS
+        }
+        self.gauges.update(
+            (key, Gauge(name, doc, ["model_name"], registry=None, multiprocess_mode="mostrecent"))
+            for name, key, doc in GAUGES
+        )
+
+    def set(self, aggregate: Mapping[str, float]) -> None:
+        """Write ``aggregate`` to this process's metric file."""
+        for key, gauge in self.gauges.items():
+            gauge.labels(self.model_name).set(aggregate[key])
+
+
 #: One collector per process: registering a second one with the same names would fail, and a
 #: process serves one app (tests that build several apps re-point it at the newest source).
 COLLECTOR = TwoTowerCollector()
@@ -180,23 +215,23 @@ _registered = False
 
 
 def install_collector(source: StatsSource) -> None:
-    """Point :data:`COLLECTOR` at ``source``, registering it on first use."""
+    """Export ``source``'s snapshot to ``/metrics``: by :data:`COLLECTOR`, or by metric files.
+
+    The collector is registered on first use; under ``PROMETHEUS_MULTIPROC_DIR`` (several API
+    server processes) the snapshot goes to this process's metric file instead.
+    """
     global _registered
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    COLLECTOR.source = source
-    if _registered:
-        return
     if get_prometheus_registry() is not REGISTRY:
-        # Several API server processes: /metrics merges their files, which a collector has not.
-        logger.warning(
-            "PROMETHEUS_MULTIPROC_DIR is set: TwoTower metrics are not exported to /metrics "
-            "(%s still serves them)",
-            PATH,
-        )
+        source.on_update = MultiprocessGauges(source.model_name).set
+        if source.aggregate is not None:
+            source.on_update(source.aggregate)
         return
-    REGISTRY.register(COLLECTOR)
-    _registered = True
+    COLLECTOR.source = source
+    if not _registered:
+        REGISTRY.register(COLLECTOR)
+        _registered = True
 
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
