@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from vllm_twotower.data import (
     MASK_ID,
     PAD_ID,
     SPLITS,
+    TRAINING_MIX,
     Example,
     accuracy_by_family,
     build_tokenizer,
@@ -87,6 +89,26 @@ def test_every_family_present_and_balanced(splits: dict[str, list[Example]]) -> 
 def test_family_subset() -> None:
     examples = generate_split("train", 20, seed=3, families=["add", "reverse"])
     assert {e.family for e in examples} == {"add", "reverse"}
+
+
+def test_training_mix_keeps_family_shares_and_hides_rep_variants() -> None:
+    """Every evaluated family keeps 1/8 of training; copy and recall split theirs with ``-rep``."""
+    examples = generate_split("train", 16 * 40, seed=0, families=TRAINING_MIX)
+    counts = {name: sum(e.family == name for e in examples) for name in TRAINING_MIX}
+    assert counts["add"] == counts["copy"] + counts["copy-rep"] == 80
+    assert counts["copy-rep"] == counts["recall-rep"] == 40
+    assert all(split_of(e.prompt) == "train" for e in examples)
+    evaluated = generate_split("test", 8 * 50, seed=0)
+    assert {e.family for e in evaluated} == set(FAMILY_NAMES)
+
+
+def test_rep_payloads_repeat_few_letters_in_the_evaluated_form() -> None:
+    """``-rep`` prompts are copy / recall prompts (same solver) over 2–4 distinct letters."""
+    for example in generate_split("train", 200, seed=1, families=["copy-rep", "recall-rep"]):
+        assert score(example.family.removesuffix("-rep"), example.prompt, example.answer)
+        payloads = re.findall(r"copy\(([A-Z]+)\)|=([A-Z]+);", example.prompt)
+        letters = {c for groups in payloads for payload in groups for c in payload}
+        assert 1 <= len(letters) <= 4, example
 
 
 def test_unknown_split_rejected() -> None:
@@ -203,7 +225,8 @@ def test_auto_tokenizer_loads_saved_dir(tmp_path: Path, splits: dict[str, list[E
 
 def test_cli_writes_splits_and_tokenizer(tmp_path: Path) -> None:
     cli_main(["--out", str(tmp_path), "--seed", "5", "--n-train", "40", "--n-val", "16"])
-    assert read_jsonl(tmp_path / "train.jsonl") == generate_split("train", 40, seed=5)
+    train = generate_split("train", 40, seed=5, families=TRAINING_MIX)
+    assert read_jsonl(tmp_path / "train.jsonl") == train
     assert len(read_jsonl(tmp_path / "validation.jsonl")) == 16
     assert all((tmp_path / "tokenizer" / name).is_file() for name in TOKENIZER_FILES)
     meta = json.loads((tmp_path / "meta.json").read_text())

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_twotower.data.tasks import FAMILY_NAMES, iter_split, write_jsonl
+from vllm_twotower.data.tasks import (
+    FAMILY_BY_NAME,
+    FAMILY_NAMES,
+    TRAINING_MIX,
+    iter_split,
+    write_jsonl,
+)
 from vllm_twotower.data.tokenizer import save_tokenizer, vocab_size
 
 
@@ -30,9 +36,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--families",
         nargs="+",
-        choices=FAMILY_NAMES,
-        default=list(FAMILY_NAMES),
-        help="task families to include (default: all)",
+        choices=list(FAMILY_BY_NAME),
+        default=None,
+        help="task families of every split (default: what training and evaluation use: "
+        "train.jsonl the training mix, the other splits the evaluated families)",
     )
     return parser.parse_args(argv)
 
@@ -42,14 +49,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": args.n_train, "validation": args.n_val, "test": args.n_test}
+    families = {
+        split: args.families or (TRAINING_MIX if split == "train" else FAMILY_NAMES)
+        for split in sizes
+    }
     for split, n in sizes.items():
-        stream = iter_split(split, n, args.seed, families=args.families)
+        stream = iter_split(split, n, args.seed, families=families[split])
         write_jsonl(args.out / f"{split}.jsonl", tqdm(stream, total=n, desc=split, unit="ex"))
     save_tokenizer(args.out / "tokenizer")
     meta = {
         "seed": args.seed,
         "sizes": sizes,
-        "families": args.families,
+        "families": families,
         "vocab_size": vocab_size(),
     }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

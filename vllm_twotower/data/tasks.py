@@ -37,6 +37,11 @@ operand digits at its position and the carry it has just produced — a local ru
 learns several times faster (in a side-by-side 1 000-step run on the arithmetic families, add
 went from 12 % to 37 % and sub from 14 % to 56 % exact match).  Prompts keep the usual order.
 
+Training also draws two training-only variants, ``copy-rep`` and ``recall-rep``: the same
+prompts over 2–4 distinct letters, which teach lookup by offset (see
+:data:`TRAINING_ONLY_FAMILIES`); :data:`TRAINING_MIX` is the training draw, :data:`FAMILY_NAMES`
+the evaluated families.
+
 Payloads use only upper-case letters, digits and punctuation, while the fixed template words
 (``copy(``, ``def f(x,y):return `` …, see :data:`KEYWORDS`) each contain a lower-case letter or
 ``)``, which payloads never do; the tokenizer turns each template word into one token, and this
@@ -69,6 +74,8 @@ SORT_LEN = (3, 10)
 COUNT_LEN = (5, 12)
 RECALL_PAIRS = (2, 5)
 RECALL_VALUE_LEN = (2, 4)
+#: Letters available to one payload of the training-only ``*-rep`` families (see there).
+REPEAT_ALPHABET_SIZE = (2, 4)
 
 #: Split name → fraction of the prompt space.  Order matters: it fixes the hash buckets.
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.90, "validation": 0.05, "test": 0.05}
@@ -107,6 +114,16 @@ class Family:
 def _letters(rng: random.Random, length: tuple[int, int], alphabet: str = LETTERS) -> str:
     """A random string whose length is uniform in the inclusive range ``length``."""
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(*length)))
+
+
+def _all_letters(rng: random.Random) -> str:
+    """The payload alphabet of the evaluated families: every upper-case letter."""
+    return LETTERS
+
+
+def _few_letters(rng: random.Random) -> str:
+    """2–4 distinct random letters: a payload over them repeats letters many times."""
+    return "".join(rng.sample(LETTERS, rng.randint(*REPEAT_ALPHABET_SIZE)))
 
 
 def _number(rng: random.Random, max_digits: int) -> int:
@@ -162,13 +179,17 @@ def _solve_arith(prompt: str) -> str:
 
 
 def _sequence_family(
-    name: str, keyword: str, length: tuple[int, int], fn: Callable[[str], str]
+    name: str,
+    keyword: str,
+    length: tuple[int, int],
+    fn: Callable[[str], str],
+    alphabet: Callable[[random.Random], str] = _all_letters,
 ) -> Family:
     """A family ``keyword(SEQ)=`` → ``fn(SEQ)``: copy, reverse and sort differ only in ``fn``."""
     pattern = re.compile(re.escape(keyword) + r"\(([A-Z]+)\)=")
 
     def sample(rng: random.Random) -> str:
-        return f"{keyword}({_letters(rng, length)})="
+        return f"{keyword}({_letters(rng, length, alphabet(rng))})="
 
     def solve(prompt: str) -> str:
         return fn(_parse(pattern, prompt)[0])
@@ -195,11 +216,16 @@ def _solve_count(prompt: str) -> str:
 _RECALL = re.compile(r"((?:[A-Z]=[A-Z]+;)+)get\(([A-Z])\)=")
 
 
-def _sample_recall(rng: random.Random) -> str:
-    """A passage of distinct single-letter keys with letter values, then a query key."""
-    keys = rng.sample(LETTERS, rng.randint(*RECALL_PAIRS))
-    passage = "".join(f"{key}={_letters(rng, RECALL_VALUE_LEN)};" for key in keys)
-    return f"{passage}get({rng.choice(keys)})="
+def _recall_sampler(alphabet: Callable[[random.Random], str]) -> Callable[[random.Random], str]:
+    """Prompts of distinct single-letter keys with values over ``alphabet(rng)``, then a query."""
+
+    def sample(rng: random.Random) -> str:
+        keys = rng.sample(LETTERS, rng.randint(*RECALL_PAIRS))
+        values = alphabet(rng)
+        passage = "".join(f"{key}={_letters(rng, RECALL_VALUE_LEN, values)};" for key in keys)
+        return f"{passage}get({rng.choice(keys)})="
+
+    return sample
 
 
 def _solve_recall(prompt: str) -> str:
@@ -237,11 +263,34 @@ FAMILIES: tuple[Family, ...] = (
     _sequence_family("reverse", "rev", SEQ_LEN, lambda s: s[::-1]),
     _sequence_family("sort", "sort", SORT_LEN, lambda s: "".join(sorted(s))),
     Family("count", _sample_count, _solve_count, ("count(", ")=")),
-    Family("recall", _sample_recall, _solve_recall, ("get(", ")=")),
+    Family("recall", _recall_sampler(_all_letters), _solve_recall, ("get(", ")=")),
     Family("code", _sample_code, _solve_code, ("def f(x,y):return ", ";f(", ")=")),
 )
-FAMILY_BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}
-FAMILY_NAMES: tuple[str, ...] = tuple(FAMILY_BY_NAME)
+#: The evaluated families, in table order.
+FAMILY_NAMES: tuple[str, ...] = tuple(family.name for family in FAMILIES)
+
+#: Training-only variants of copy and recall whose payloads use 2–4 letters.
+#:
+#: Why: with 26 letters, AR copy finds its next letter by *induction* — look up the letter it
+#: has just written in the source and emit the one after it — so the frozen context tower's keys
+#: need not say where in the payload a letter sits.  The denoiser's first pass sees a block of
+#: masks, has no written letter to look up, and must find "payload letter ``j``" by offset; on
+#: the test split it copied offsets 0–2 (which its Mamba convolution still reaches) and failed
+#: from offset 3 on.  Over a few letters, the previous letter no longer identifies the next one,
+#: so stage 1 must learn lookup by offset, and the context tower's keys carry it.  The prompts
+#: have the evaluated families' form and hash into splits the same way; only training draws them.
+TRAINING_ONLY_FAMILIES: tuple[Family, ...] = (
+    _sequence_family("copy-rep", "copy", SEQ_LEN, lambda s: s, _few_letters),
+    Family("recall-rep", _recall_sampler(_few_letters), _solve_recall, ("get(", ")=")),
+)
+FAMILY_BY_NAME: dict[str, Family] = {f.name: f for f in (*FAMILIES, *TRAINING_ONLY_FAMILIES)}
+#: What training draws from, each entry equally often: every evaluated family has the same
+#: share, and copy and recall give half of theirs to their ``-rep`` variants.
+TRAINING_MIX: tuple[str, ...] = tuple(
+    variant
+    for name in FAMILY_NAMES
+    for variant in ((name, f"{name}-rep") if f"{name}-rep" in FAMILY_BY_NAME else (name, name))
+)
 #: Template words of all families, first occurrence order (stable token ids).
 KEYWORDS: tuple[str, ...] = tuple(dict.fromkeys(k for f in FAMILIES for k in f.keywords))
 

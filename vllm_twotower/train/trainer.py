@@ -23,6 +23,7 @@ from vllm_twotower.checkpoint import save_checkpoint
 from vllm_twotower.config import TwoTowerConfig
 from vllm_twotower.data import (
     FAMILY_NAMES,
+    TRAINING_MIX,
     Example,
     build_tokenizer,
     generate_split,
@@ -309,7 +310,7 @@ def train(
         raise ValueError(
             f"vocab_size {config.vocab_size} < tokenizer's {tokenizer.get_vocab_size()}"
         )
-    train_examples = generate_split("train", settings.n_train, settings.seed)
+    train_examples = generate_split("train", settings.n_train, settings.seed, families=TRAINING_MIX)
     val_examples: list[Example] = generate_split("validation", settings.n_val, settings.seed)
     train_set, val_set = encode_all(tokenizer, train_examples), encode_all(tokenizer, val_examples)
     val_families = [e.family for e in val_examples]
