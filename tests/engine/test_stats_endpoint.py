@@ -95,6 +95,21 @@ def metric(text: str, name: str) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+#: The exported metrics, counters first, by their sample names.
+EXPORTED = (
+    "vllm:twotower_denoiser_passes_total",
+    "vllm:twotower_diffusion_blocks_total",
+    "vllm:twotower_denoised_tokens_total",
+    "vllm:twotower_tokens_per_denoiser_pass",
+    "vllm:twotower_denoiser_passes_per_block",
+)
+
+
+def exported(text: str) -> tuple[float, ...]:
+    """The values of :data:`EXPORTED` in a ``/metrics`` text."""
+    return tuple(metric(text, name) for name in EXPORTED)
+
+
 def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(stats_endpoint.INTERVAL_ENV, "3600")  # started, never due
     table = table_with_requests()
@@ -119,12 +134,7 @@ def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
         text = generate_latest(REGISTRY).decode()
         assert metric(text, "vllm:twotower_denoiser_passes_total") == 8
         client.get(PATH)
-        text = generate_latest(REGISTRY).decode()
-        assert metric(text, "vllm:twotower_denoiser_passes_total") == 12
-        assert metric(text, "vllm:twotower_diffusion_blocks_total") == 3
-        assert metric(text, "vllm:twotower_denoised_tokens_total") == 48
-        assert metric(text, "vllm:twotower_tokens_per_denoiser_pass") == 4.0
-        assert metric(text, "vllm:twotower_denoiser_passes_per_block") == 4.0
+        assert exported(generate_latest(REGISTRY).decode()) == (12, 3, 48, 4.0, 4.0)
         task = plugin.source._task
     assert task is not None and task.cancelled() and plugin.source._task is None
 
@@ -200,12 +210,7 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    text = generate_latest(registry).decode()
-    assert metric(text, "vllm:twotower_denoiser_passes_total") == 12
-    assert metric(text, "vllm:twotower_diffusion_blocks_total") == 3
-    assert metric(text, "vllm:twotower_denoised_tokens_total") == 48
-    assert metric(text, "vllm:twotower_tokens_per_denoiser_pass") == 3.5
-    assert metric(text, "vllm:twotower_denoiser_passes_per_block") == 3.0
+    assert exported(generate_latest(registry).decode()) == (12, 3, 48, 3.5, 3.0)
 
 
 def test_interval_must_be_a_nonnegative_number(monkeypatch: pytest.MonkeyPatch) -> None:
