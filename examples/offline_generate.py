@@ -17,7 +17,7 @@ from vllm import LLM, SamplingParams
 def main() -> None:
     checkpoint = sys.argv[1]
     llm = LLM(model=checkpoint, max_model_len=2048)
-    prompts = ["copy(abc)=", "sort(dcba)=", "reverse(xyz)="]
+    prompts = ["copy(QWERTY)=", "sort(DCBA)=", "rev(XYZ)="]  # task formats of twotower-tasks
     params = [
         SamplingParams(max_tokens=64, temperature=0.0),  # mask_diffusion, server defaults
         SamplingParams(

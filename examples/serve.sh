@@ -17,7 +17,7 @@ until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 2; done
 for XARGS in '{"mode": "mask_diffusion", "confidence_threshold": 0.8}' '{"mode": "ar"}' \
              '{"mode": "mock_ar"}'; do
   curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "{
-    \"model\": \"$CKPT\", \"prompt\": \"copy(abc)=\", \"max_tokens\": 32,
+    \"model\": \"$CKPT\", \"prompt\": \"copy(QWERTY)=\", \"max_tokens\": 32,
     \"temperature\": 0, \"vllm_xargs\": $XARGS}"
   echo
 done
