@@ -82,12 +82,12 @@ class TrainSettings:
     ar_batch: int = 64
     ar_lr: float = 2e-3
     ar_answer_only: bool = True
-    diffusion_steps: int = 3000
+    diffusion_steps: int = 12000
     diffusion_batch: int = 64
     diffusion_lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
-    eval_every: int = 500
+    eval_every: int = 1000
     decode_threshold: float = 0.8
 
 
