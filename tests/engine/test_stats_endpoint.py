@@ -25,7 +25,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from vllm import SamplingParams
 
 from tests.engine.test_request_validation import defaults
-from tests.engine.test_server import ENGINE_FLAGS, PLUGINS_ENV, free_port, running_server
+from tests.engine.test_server import (
+    ENGINE_FLAGS,
+    PLUGINS_ENV,
+    complete,
+    free_port,
+    running_server,
+)
 from vllm_twotower import ARCHITECTURE
 from vllm_twotower.engine import stats_endpoint
 from vllm_twotower.engine.requests import RequestTable, matches_request_id
@@ -253,12 +259,7 @@ def test_two_api_servers_report_the_engine_totals_once(
     env = {**os.environ, **PLUGINS_ENV, stats_endpoint.INTERVAL_ENV: "0"}
     with running_server(cmd, tmp_path / "server.log", env) as base:
         for _ in range(4):
-            response = requests.post(
-                f"{base}/v1/completions",
-                json={"model": model, "prompt": [1, 17, 29, 33, 8], "max_tokens": 20,
-                      "temperature": 0.0},
-                timeout=300,
-            )  # fmt: skip
+            response = complete(base, model=model)
             assert response.status_code == 200, response.text
         totals = requests.get(f"{base}{PATH}", timeout=60).json()["aggregate"]
         assert totals["nfe"] > 0
