@@ -134,16 +134,21 @@ def init_model(config: TwoTowerConfig, seed: int) -> TwoTowerModel:
 
 
 @torch.no_grad()
-def init_denoiser(model: TwoTowerModel) -> None:
+def init_denoiser(model: TwoTowerModel, seed: int) -> None:
     """Denoiser := context tower (heads too), with time conditioning that starts as identity.
 
     ``shift, scale, gate = table[l] + t_block(t_embedder(t))``: zero ``t_block`` weights and
     tables ``(0, 0, 1)`` give ``x + 1·mixer(norm(x))`` at every ``t``, i.e. exactly the context
     tower's computation, and training grows the ``t`` dependence from there (adaLN-zero style:
-    ``t_block``'s weight still gets a gradient through its non-zero input).
+    ``t_block``'s weight still gets a gradient through its non-zero input).  That input, the
+    ``t_embedder``, is set to its seeded init (:func:`init_model`), not kept: a model loaded
+    from a finished checkpoint holds a *trained* embedder, which would steer the new
+    denoiser's first gradients and make ``--init-from CKPT --stages diffusion`` differ from
+    the full run.
     """
     model.denoiser_tower.load_state_dict(model.context_tower.state_dict())
     model.lm_head.weight.copy_(model.context_lm_head.weight)
+    model.t_embedder.load_state_dict(init_model(model.config, seed).t_embedder.state_dict())
     model.t_block[1].weight.zero_()
     model.t_block[1].bias.zero_()
     for table in model.scale_shift_tables:
@@ -344,7 +349,7 @@ def train(
 
     if "diffusion" in stages:
         size = config.chunk_size
-        init_denoiser(model)
+        init_denoiser(model, settings.seed)
         for p in [*model.context_tower.parameters(), *model.context_lm_head.parameters()]:
             p.requires_grad_(False)
         denoiser = [p for p in model.parameters() if p.requires_grad]
