@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from vllm_twotower.data import (
     BOS_ID,
+    DIFFUSION_REPEATS,
     EOS_ID,
     FAMILIES,
     FAMILY_NAMES,
@@ -100,6 +101,7 @@ def test_training_mix_keeps_family_shares_and_hides_rep_variants() -> None:
     assert all(split_of(e.prompt) == "train" for e in examples)
     evaluated = generate_split("test", 8 * 50, seed=0)
     assert {e.family for e in evaluated} == set(FAMILY_NAMES)
+    assert set(DIFFUSION_REPEATS) <= set(TRAINING_MIX)  # stage 2 repeats only drawn families
 
 
 def test_rep_payloads_repeat_few_letters_in_the_evaluated_form() -> None:

@@ -32,7 +32,7 @@ from vllm_twotower.train.objectives import (
     diffusion_loss,
 )
 from vllm_twotower.train.plot import load as plot_load
-from vllm_twotower.train.trainer import init_denoiser, init_model
+from vllm_twotower.train.trainer import WeightAverage, init_denoiser, init_model
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,28 @@ def test_batched_training_pass_equals_reference_denoise() -> None:
         torch.testing.assert_close(batched[row], expected, rtol=1e-9, atol=1e-9)
 
 
+def test_weight_average_is_validated_then_loaded() -> None:
+    """The average follows ``decay``; ``applied`` lends it and gives the trained weights back."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([param], decay=0.75)
+    for value in (4.0, 8.0):
+        with torch.no_grad():
+            param.fill_(value)
+        average.update()
+    expected = torch.full((3,), 0.25 * 8 + 0.75 * (0.25 * 4))  # 3.0
+    with average.applied():
+        assert torch.equal(param.detach(), expected)
+    assert torch.equal(param.detach(), torch.full((3,), 8.0))
+    average.load()
+    assert torch.equal(param.detach(), expected)
+    last = WeightAverage([param], decay=0.0)
+    with torch.no_grad():
+        param.fill_(5.0)
+    last.update()
+    with last.applied():
+        assert torch.equal(param.detach(), torch.full((3,), 5.0))
+
+
 def test_train_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     """A full run writes a loadable checkpoint, and stage 2 rerun alone reproduces it.
 
@@ -145,8 +167,8 @@ def test_train_end_to_end_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     denoiser the checkpoint holds, so the shipped denoiser can be retrained without stage 1.
     """
     settings = TrainSettings(
-        n_train=64, n_val=16, ar_steps=3, ar_batch=8, diffusion_steps=3, diffusion_batch=8,
-        warmup=1, eval_every=2,
+        n_train=64, n_val=16, ar_steps=3, ar_batch=8, diffusion_steps=3,
+        diffusion_batch=8, warmup=1, eval_every=2,
     )  # fmt: skip
     log = tmp_path / "log.jsonl"
     train(settings, tmp_path / "ckpt", config=tiny_config(), log_path=log)

@@ -21,6 +21,7 @@ from vllm_twotower.data.specials import (
     UNK_TOKEN,
 )
 from vllm_twotower.data.tasks import (
+    DIFFUSION_REPEATS,
     FAMILIES,
     FAMILY_NAMES,
     KEYWORDS,
@@ -49,6 +50,7 @@ from vllm_twotower.data.tokenizer import (
 __all__ = [
     "BOS_ID",
     "BOS_TOKEN",
+    "DIFFUSION_REPEATS",
     "EOS_ID",
     "EOS_TOKEN",
     "FAMILIES",
