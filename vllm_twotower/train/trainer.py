@@ -179,12 +179,12 @@ class Logger:
 class WeightAverage:
     """Exponential moving average of parameters: the denoiser stage 2 validates and saves.
 
-    Why: a step of the denoiser moves its decoded accuracy by several points between
-    validations (a last-bit change of the weights at step 340 changed it from 71 to 66.5 % at
-    step 1 000), and the commit rule turns each small change of a confidence near γ into a
-    different answer.  The average of the last ~``1 / (1 - decay)`` steps' weights smooths that
-    out, as diffusion models usually do (MDLM keeps one too).  ``decay = 0`` is the last
-    weights themselves.
+    Why: the denoiser's decoded accuracy jumps by points from one validation to the next (in
+    two runs that differed only in the last bits from step 340 on, 71 against 66.5 % at step
+    1 000), because the commit rule turns a small change of a confidence near γ into another
+    answer.  The average of the last ~``1 / (1 - decay)`` steps' weights smooths that out, as
+    diffusion models usually do (MDLM keeps one too); in one run it decoded the validation
+    split at 89.6 % where the last weights gave 88.6 %.  ``decay = 0`` keeps the last weights.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
