@@ -196,11 +196,9 @@ class WeightAverage:
         for average, param in zip(self.average, self.params, strict=True):
             average.lerp_(param, 1 - self.decay)
 
-    @torch.no_grad()
     def load(self) -> None:
         """Overwrite the parameters with the average (the end of training)."""
-        for average, param in zip(self.average, self.params, strict=True):
-            param.copy_(average)
+        self._assign(self.average)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -210,9 +208,12 @@ class WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for param, weight in zip(self.params, trained, strict=True):
-                    param.copy_(weight)
+            self._assign(trained)
+
+    @torch.no_grad()
+    def _assign(self, weights: list[torch.Tensor]) -> None:
+        for param, weight in zip(self.params, weights, strict=True):
+            param.copy_(weight)
 
 
 def _optimizer(params: Iterable[torch.nn.Parameter], settings: TrainSettings, lr: float):
