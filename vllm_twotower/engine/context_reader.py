@@ -29,16 +29,11 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from vllm.v1.attention.backends.utils import mamba_get_block_table_tensor
-from vllm.v1.kv_cache_interface import (
-    AttentionSpec,
-    KVQuantMode,
-    MambaSpec,
-    compute_layer_kv_cache_shape_bytes,
-)
 
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.model.blockwise import BlockContext, MambaStates
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -62,8 +57,6 @@ def probe_block_layout(
     one-head scratch cache and reads back where each landed.  Codes are written in two
     base-128 digits so they stay exact in bfloat16 and float16.
     """
-    from vllm import _custom_ops as ops
-
     cells = block_size * head_dim
     code = torch.arange(cells).view(block_size, 1, head_dim)
     digits = []
@@ -71,9 +64,7 @@ def probe_block_layout(
         cache = torch.zeros(1, 1, block_size * 2, head_dim, dtype=dtype)
         key_cache, value_cache = cache.chunk(2, dim=2)
         value = part.to(dtype)
-        ops.cpu_attn_reshape_and_cache(
-            value, value, key_cache, value_cache, torch.arange(block_size), isa
-        )
+        vi.cpu_attention_write(value, value, key_cache, value_cache, torch.arange(block_size), isa)
         digits.append((key_cache.reshape(-1).long(), value_cache.reshape(-1).long()))
     k_code = digits[0][0] + 128 * digits[1][0]
     v_code = digits[0][1] + 128 * digits[1][1]
@@ -84,15 +75,7 @@ def probe_block_layout(
     return k_offsets.view(block_size, head_dim), v_offsets.view(block_size, head_dim)
 
 
-def _backend_name(attention: object) -> str:
-    """The attention backend's name, for error messages."""
-    backend = getattr(attention, "attn_backend", None)
-    if backend is None:
-        return type(attention).__name__
-    return backend.get_name()
-
-
-def dense_kernel_block_size(attention: object, spec: AttentionSpec | None) -> int:
+def dense_kernel_block_size(attention: torch.nn.Module, spec: Any) -> int:
     """Tokens per block of ``attention.kv_cache``, a dense ``[B, kv_heads, N, K|V]`` view.
 
     The per-layer view is always ``[B, H, N, C]``; the spec says what fills it.  A dense spec
@@ -104,24 +87,22 @@ def dense_kernel_block_size(attention: object, spec: AttentionSpec | None) -> in
     ``compute_layer_kv_cache_shape_bytes``.  Anything else raises ``NotImplementedError``
     naming the backend and shape, rather than reading garbage.
     """
-    cache = attention.kv_cache
-    found = f"{_backend_name(attention)} cache of shape {tuple(cache.shape)} ({cache.dtype})"
+    cache = vi.layer_cache(attention)
+    backend = vi.attention_backend_name(attention)
+    found = f"{backend} cache of shape {tuple(cache.shape)} ({cache.dtype})"
     if spec is None:
         raise NotImplementedError(f"no attention spec for the {found}")
-    if (
-        spec.num_head_slots is not None
-        or spec.state_content_bytes is not None
-        or spec.kv_quant_mode != KVQuantMode.NONE
-        or spec.tokens_per_state != 1
-    ):
+    if vi.dense_view_shape(spec, spec.block_size) is None:
         raise NotImplementedError(
             f"reading a packed or quantized KV cache is not implemented: {found}, {spec}; "
             "see docs/engine-design.md"
         )
     if cache.dim() == 4 and cache.dtype == spec.dtype and spec.block_size % cache.shape[2] == 0:
         kernel_block_size = cache.shape[2]
-        _, heads, rows, content = compute_layer_kv_cache_shape_bytes(spec, 1, kernel_block_size)
-        if (heads, rows, content) == (*cache.shape[1:3], cache.shape[3] * cache.element_size()):
+        if vi.dense_view_shape(spec, kernel_block_size) == (
+            *cache.shape[1:3],
+            cache.shape[3] * cache.element_size(),
+        ):
             return kernel_block_size
     raise NotImplementedError(
         f"the {found} is not the dense [blocks, {spec.num_kv_heads} kv_heads, tokens, "
@@ -152,7 +133,7 @@ class _AttentionLayer:
     index: int
     group: int
     module: torch.nn.Module
-    spec: AttentionSpec
+    spec: Any  # vLLM's AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -167,28 +148,24 @@ class ContextReader:
 
     def __init__(self, runner: object) -> None:
         self.runner = runner
-        forward_context = runner.compilation_config.static_forward_context
         self.attention: list[_AttentionLayer] = []
         self.mamba: list[_MambaLayer] = []
-        self.mamba_specs: dict[int, MambaSpec] = {}
-        for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-            for name in group.layer_names:
-                module = forward_context[name]
-                if isinstance(group.kv_cache_spec, MambaSpec):
-                    self.mamba.append(_MambaLayer(layer_index(name), gid, module))
-                    self.mamba_specs[gid] = group.kv_cache_spec
-                elif isinstance(group.kv_cache_spec, AttentionSpec):
-                    self.attention.append(
-                        _AttentionLayer(layer_index(name), gid, module, group.kv_cache_spec)
-                    )
+        self.mamba_specs: dict[int, Any] = {}
+        for layer in vi.cached_layers(runner):
+            if vi.is_mamba_spec(layer.spec):
+                self.mamba.append(_MambaLayer(layer_index(layer.name), layer.group, layer.module))
+                self.mamba_specs[layer.group] = layer.spec
+            elif vi.is_attention_spec(layer.spec):
+                self.attention.append(
+                    _AttentionLayer(layer_index(layer.name), layer.group, layer.module, layer.spec)
+                )
 
     def read(self, rows: torch.Tensor, kv_lens: torch.Tensor) -> BlockContext:
         """Context of batch ``rows``: the first ``kv_lens [R]`` cached keys/values of each
         attention layer and the Mamba states in the rows' state slots."""
-        block_tables = self.runner.input_batch.block_table
         kv = {}
         for layer in self.attention:
-            table = block_tables[layer.group].block_table.cpu[rows]
+            table = vi.block_table_rows(self.runner, layer.group, rows)
             keys, values = self._gather_kv(layer.module, table, kv_lens, layer.spec)
             kv[layer.index] = (keys, values)
         return BlockContext(
@@ -197,20 +174,14 @@ class ContextReader:
 
     def read_mamba(self, rows: torch.Tensor) -> MambaStates:
         """Copies of the Mamba conv (``[R, conv_dim, K-1]``) and SSM states of batch ``rows``."""
-        from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
-
-        runner = self.runner
-        num_reqs = runner.input_batch.num_reqs
-        seq_lens = runner.optimistic_seq_lens_cpu[:num_reqs]
         mamba = {}
+        dim_first = vi.conv_state_dim_first()
         for layer in self.mamba:
-            table = runner.input_batch.block_table[layer.group].block_table.cpu[:num_reqs]
-            slots = mamba_get_block_table_tensor(
-                table, seq_lens, self.mamba_specs[layer.group], runner.cache_config.mamba_cache_mode
-            )[:, 0].long()[rows]
-            conv_cache, ssm_cache = layer.module.kv_cache[:2]
+            spec = self.mamba_specs[layer.group]
+            slots = vi.mamba_state_slots(self.runner, layer.group, spec, rows)
+            conv_cache, ssm_cache = vi.layer_cache(layer.module)[:2]
             conv = conv_cache[slots]
-            if not is_conv_state_dim_first():
+            if not dim_first:
                 conv = conv.transpose(-1, -2)
             mamba[layer.index] = (conv, ssm_cache[slots])
         return mamba
@@ -220,7 +191,7 @@ class ContextReader:
         attention: torch.nn.Module,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
-        spec: AttentionSpec | None = None,
+        spec: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``[R, P, kv_heads, head_dim]`` keys and values, ``P = max(seq_lens)``.
 
@@ -229,8 +200,9 @@ class ContextReader:
         backend (which tags its layers with ``isa``) has its own block interior; every other
         backend must bind the dense view described by the layer's ``spec``.
         """
-        if hasattr(attention, "isa"):
-            return ContextReader._gather_cpu_kv(attention, table, seq_lens)
+        isa = vi.cpu_attention_isa(attention)
+        if isa is not None:
+            return ContextReader._gather_cpu_kv(attention, isa, table, seq_lens)
         return ContextReader._gather_dense_kv(attention, table, seq_lens, spec)
 
     @staticmethod
@@ -238,7 +210,7 @@ class ContextReader:
         attention: torch.nn.Module,
         table: torch.Tensor,
         seq_lens: torch.Tensor,
-        spec: AttentionSpec | None,
+        spec: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads a dense ``[B, kv_heads, N, K|V]`` view (GPU backends) with one gather.
 
@@ -247,7 +219,7 @@ class ContextReader:
         ``p % N`` of the row's kernel block ``p // N``.
         """
         kernel_block_size = dense_kernel_block_size(attention, spec)
-        cache = attention.kv_cache
+        cache = vi.layer_cache(attention)
         length = max(int(seq_lens.max()), 1)
         used = -(-length // kernel_block_size)
         blocks = kernel_block_table(table, spec.block_size, kernel_block_size)[:, :used]
@@ -260,11 +232,11 @@ class ContextReader:
 
     @staticmethod
     def _gather_cpu_kv(
-        attention: torch.nn.Module, table: torch.Tensor, seq_lens: torch.Tensor
+        attention: torch.nn.Module, isa: str, table: torch.Tensor, seq_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reads the CPU backend's ``[B, kv_heads, N, 2 * head_dim]`` cache through the block
         interior :func:`probe_block_layout` learnt from vLLM's own writer."""
-        cache = attention.kv_cache
+        cache = vi.layer_cache(attention)
         if cache.dim() != 4:
             raise NotImplementedError(
                 f"unexpected CPU attention cache of shape {tuple(cache.shape)}; "
@@ -272,7 +244,7 @@ class ContextReader:
             )
         num_blocks, kv_heads, block_size, two_d = cache.shape
         head_dim = two_d // 2
-        k_off, v_off = probe_block_layout(attention.isa, cache.dtype, block_size, head_dim)
+        k_off, v_off = probe_block_layout(isa, cache.dtype, block_size, head_dim)
         rows = table.shape[0]
         length = max(int(seq_lens.max()), 1)
         used = -(-length // block_size)

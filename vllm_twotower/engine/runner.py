@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
-from vllm.v1.outputs import SamplerOutput
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.commit import commit_step, noise_row_keys, predict
 from vllm_twotower.engine.config_hook import max_block_size, read_diffusion_defaults
 from vllm_twotower.engine.context_reader import ContextReader
@@ -68,10 +67,7 @@ class TwoTowerRunnerMixin:
 
     def _update_states(self, scheduler_output: Any) -> Any:
         result = super()._update_states(scheduler_output)
-        # Sampling noise comes from the commit module's position-keyed hash, never from
-        # vLLM's per-request torch generators; drop them (vLLM's bookkeeping rewinds their
-        # offset after a partial prefill, which CPU generators do not support).
-        self.input_batch.generators.clear()
+        vi.drop_sampling_generators(self)
         return result
 
     def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
@@ -108,16 +104,19 @@ class TwoTowerRunnerMixin:
                 agg["steps_per_block"],
             )
 
-    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> SamplerOutput:
+    def _batch_slots(self) -> torch.Tensor:
+        """The request-table slot of every row of this step's batch."""
+        req_ids = vi.batch_request_ids(self)
+        return self.tt_requests.slots(req_ids, vi.request_sampling_params(self, req_ids))
+
+    def _sample(self, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
         if spec_decode_metadata is not None:
             raise NotImplementedError("TwoTower does not support speculative decoding")
-        batch = self.input_batch
-        num_reqs = batch.num_reqs
-        req_ids = batch.req_ids[:num_reqs]
         table = self.tt_requests
-        slots = table.slots(req_ids, [self.requests[r].sampling_params for r in req_ids])
-        live = torch.from_numpy(~self.discard_request_mask.np[:num_reqs].astype(bool))
-        seq_lens = self.optimistic_seq_lens_cpu[:num_reqs].long()
+        slots = self._batch_slots()
+        num_reqs = slots.numel()
+        live = vi.rows_with_all_tokens_computed(self)
+        seq_lens = vi.sequence_lengths(self)
         mode = table.mode[slots]
         diffusing = live & (mode == MASK_DIFFUSION)
         width = int(table.block_size[slots[diffusing]].max()) if bool(diffusing.any()) else 1
@@ -139,23 +138,17 @@ class TwoTowerRunnerMixin:
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        return vi.sampler_output(out)
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Before the context pass, keep the Mamba states of mock-AR rows (``_sample_mock_ar``)."""
         self._tt_mock_snapshot = None
-        num_reqs = self.input_batch.num_reqs
-        if num_reqs:
-            req_ids = self.input_batch.req_ids[:num_reqs]
-            slots = self.tt_requests.slots(
-                req_ids, [self.requests[r].sampling_params for r in req_ids]
-            )
-            live = torch.from_numpy(~self.discard_request_mask.np[:num_reqs].astype(bool))
+        slots = self._batch_slots()
+        if slots.numel():
+            live = vi.rows_with_all_tokens_computed(self)
             rows = torch.nonzero(live & (self.tt_requests.mode[slots] == MOCK_AR)).flatten()
             if rows.numel():
-                computed = torch.from_numpy(
-                    self.input_batch.num_computed_tokens_cpu[:num_reqs].astype("int64")
-                )[rows]
+                computed = vi.computed_token_counts(self)[rows]
                 states = self.tt_reader.read_mamba(rows)
                 # A request with nothing computed yet starts from zero states; its slot may
                 # still hold a previous request's (vLLM's kernels ignore it in that case).
@@ -180,7 +173,7 @@ class TwoTowerRunnerMixin:
         assert torch.equal(snap_rows, rows)
         model = self.get_model()
         seq = seq_lens[rows]
-        token_ids = self.input_batch.token_ids_cpu
+        token_ids = vi.row_token_ids(self)
         states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in snapshot}
         for r in range(rows.numel()):
             row_states = {i: (c[r : r + 1], s[r : r + 1]) for i, (c, s) in snapshot.items()}
@@ -284,7 +277,7 @@ class TwoTowerRunnerMixin:
         return torch.where(inside, canvas.cpu(), PLACEHOLDER)
 
 
-class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, CPUModelRunner):
+class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, vi.cpu_model_runner_class()):
     """vLLM's V1 CPU model runner with the TwoTower block step."""
 
     def __init__(self, vllm_config: Any, device: torch.device) -> None:

@@ -221,9 +221,9 @@ def install_collector(source: StatsSource) -> None:
     server processes) the snapshot goes to this process's metric file instead.
     """
     global _registered
-    from vllm.v1.metrics.prometheus import get_prometheus_registry
+    from vllm_twotower.vllm_internals import prometheus_registry
 
-    if get_prometheus_registry() is not REGISTRY:
+    if prometheus_registry() is not REGISTRY:
         source.on_update = MultiprocessGauges(source.model_name).set
         if source.aggregate is not None:
             source.on_update(source.aggregate)

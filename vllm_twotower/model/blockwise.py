@@ -26,6 +26,7 @@ from vllm.model_executor.models.nemotron_h import (
     NemotronHMambaDecoderLayer,
 )
 
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.reference.attention import attend
 from vllm_twotower.reference.mamba2 import causal_conv1d, ssd_chunk_scan
 
@@ -134,15 +135,16 @@ def _attention(
     :meth:`BlockContext.key_mask`) masks out each row's padding.
     """
     batch, size, _ = h.shape
-    qkv, _ = mixer.qkv_proj(h.reshape(batch * size, -1))
-    q, k, v = qkv.split([mixer.q_size, mixer.kv_size, mixer.kv_size], dim=-1)
-    q = q.view(batch, size, mixer.num_heads, mixer.head_dim)
-    k = k.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
-    v = v.view(batch, size, mixer.num_kv_heads, mixer.head_dim)
+    view = vi.attention_mixer_view(mixer)
+    qkv, _ = view.qkv_proj(h.reshape(batch * size, -1))
+    q, k, v = qkv.split([view.q_size, view.kv_size, view.kv_size], dim=-1)
+    q = q.view(batch, size, view.num_heads, view.head_dim)
+    k = k.view(batch, size, view.num_kv_heads, view.head_dim)
+    v = v.view(batch, size, view.num_kv_heads, view.head_dim)
     keys = torch.cat([ctx_k.to(k.dtype), k], dim=1)
     values = torch.cat([ctx_v.to(v.dtype), v], dim=1)
-    out = attend(q, keys, values, causal=causal, scale=mixer.scaling, key_mask=key_mask)
-    result, _ = mixer.o_proj(out.reshape(batch * size, -1))
+    out = attend(q, keys, values, causal=causal, scale=view.scaling, key_mask=key_mask)
+    result, _ = view.o_proj(out.reshape(batch * size, -1))
     return result.view(batch, size, -1)
 
 
@@ -155,39 +157,37 @@ def _mamba(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The Mamba-2 mixer over every row's block from its context states, in one batched scan."""
     batch, size, _ = h.shape
-    proj, _ = mixer.in_proj(h.reshape(batch * size, -1))
+    view = vi.mamba_mixer_view(mixer)
+    proj, _ = view.in_proj(h.reshape(batch * size, -1))
     z, xbc, dt = torch.split(
         proj.view(batch, size, -1),
-        [mixer.tped_intermediate_size, mixer.tped_conv_size, mixer.tped_dt_size],
+        [view.intermediate_size, view.conv_size, view.num_heads],
         dim=-1,
     )
-    heads = mixer.tped_dt_size
-    head_dim = mixer.tped_intermediate_size // heads
-    # MambaMixer2 keeps the conv weight as `conv_weights [conv_dim, K]`: vLLM may repack the
-    # conv1d linear's own weight after loading.
-    conv_weight = mixer.conv_weights.unsqueeze(1)
+    heads = view.num_heads
+    head_dim = view.intermediate_size // heads
     conv_out, conv_final = causal_conv1d(
-        xbc, conv_weight, mixer.conv1d.bias, conv_state.to(xbc.dtype)
+        xbc, view.conv_weight, view.conv_bias, conv_state.to(xbc.dtype)
     )
-    x, bm, cm = mixer.split_hidden_states_B_C_fn(F.silu(conv_out))
-    groups = bm.shape[-1] // mixer.ssm_state_size
+    x, bm, cm = view.split_xbc(F.silu(conv_out))
+    groups = bm.shape[-1] // view.state_size
 
     def per_head(m: torch.Tensor) -> torch.Tensor:
-        m = m.reshape(batch, size, groups, mixer.ssm_state_size).float()
+        m = m.reshape(batch, size, groups, view.state_size).float()
         return m.repeat_interleave(heads // groups, dim=-2)
 
-    step = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*options.time_step_limit)
+    step = F.softplus(dt.float() + view.dt_bias.float()).clamp(*options.time_step_limit)
     xh = x.reshape(batch, size, heads, head_dim).float()
     y, ssm_final = ssd_chunk_scan(
         xh,
         step,
-        mixer.A.float(),
+        view.A.float(),
         per_head(bm),
         per_head(cm),
         ssm_state.float(),
         options.chunk_size,
     )
-    y = (y + mixer.D.float()[:, None] * xh).reshape(batch * size, -1).to(h.dtype)
-    y = mixer.norm(y, z.reshape(batch * size, -1))
-    out, _ = mixer.out_proj(y)
+    y = (y + view.D.float()[:, None] * xh).reshape(batch * size, -1).to(h.dtype)
+    y = view.norm(y, z.reshape(batch * size, -1))
+    out, _ = view.out_proj(y)
     return out.view(batch, size, -1), (conv_final, ssm_final)

@@ -24,6 +24,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.model.blockwise import BlockContext, MambaOptions, run_layers
 from vllm_twotower.reference.model import TimestepEmbedder, adaln_modulation
 
@@ -43,7 +44,7 @@ def cacheless_layers(vllm_config: VllmConfig) -> Iterator[None]:
     context; removing the ones created here keeps the denoiser stateless.  Other registrations
     (fused MoE layers look themselves up by name) are kept.
     """
-    context = vllm_config.compilation_config.static_forward_context
+    context = vi.forward_context_layers(vllm_config)
     before = set(context)
     yield
     for name in set(context) - before:
