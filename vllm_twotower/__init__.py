@@ -15,13 +15,12 @@ def register() -> None:
     TwoTower worker/runner and engine defaults for this architecture only.
     """
     from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from vllm_twotower.engine.config_hook import TwoTowerConfigHook
+    from vllm_twotower.vllm_internals import register_config_hook
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             ARCHITECTURE, "vllm_twotower.model.twotower:NemotronHTwoTowerForCausalLM"
         )
-    if ARCHITECTURE not in MODELS_CONFIG_MAP:
-        from vllm_twotower.engine.config_hook import TwoTowerConfigHook
-
-        MODELS_CONFIG_MAP[ARCHITECTURE] = TwoTowerConfigHook
+    register_config_hook(ARCHITECTURE, TwoTowerConfigHook)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
-from vllm.model_executor.models.config import NemotronHForCausalLMConfig
 
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.config import DiffusionDefaults, TwoTowerConfig
 from vllm_twotower.engine.params import (
     ServerDefaults,
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 logger = init_logger(f"vllm.{__name__}")  # shown with vLLM's log configuration
+
+#: Why the TwoTower engine needs vLLM's V1 model runner (docs/engine-design.md §3, §11).
+V1_ONLY = (
+    "the TwoTower engine runs on vLLM's V1 model runner: its block step replaces the V1 "
+    "runner's sampling step, and a Model Runner V2 port (a ModelState) does not exist yet"
+)
 
 VALIDATOR_FQCN = f"{TwoTowerParamsValidator.__module__}:{TwoTowerParamsValidator.__name__}"
 
@@ -59,17 +65,20 @@ def max_block_size(hf_config: object) -> int:
     return DiffusionDefaults().block_size
 
 
-class TwoTowerConfigHook(NemotronHForCausalLMConfig):
+class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
     """``MODELS_CONFIG_MAP`` entry for ``NemotronHTwoTowerForCausalLM``."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        vi.check_vllm_version()
         # float32 Mamba SSM cache, as for every NemotronH (the denoiser is seeded from it).
         super().verify_and_update_config(vllm_config)
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
             parallel.worker_cls = worker_cls_name()
+        # The runner decision is made here, once, for every process of the engine.
+        vi.pin_v1_model_runner(vllm_config, V1_ONLY)
         # The block step returns several tokens per request; the async output path assumes one.
         scheduler = vllm_config.scheduler_config
         if scheduler.async_scheduling:

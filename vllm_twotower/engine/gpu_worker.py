@@ -1,4 +1,4 @@
-"""GPU worker installing the TwoTower runner (imported only on CUDA platforms).
+"""CUDA worker and runner (imported only where the config hook selects them).
 
 Not yet run on a GPU (no CUDA vLLM in CI or on the device machine): AR mode needs nothing
 device-specific; the denoising modes read the GPU backends' dense KV view through
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-from vllm.v1.worker.gpu_worker import Worker
-
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.engine.runner import TwoTowerRunnerMixin
+from vllm_twotower.engine.worker import TwoTowerWorkerMixin
 
 
-class TwoTowerGPUModelRunner(TwoTowerRunnerMixin, GPUModelRunner):
+class TwoTowerGPUModelRunner(TwoTowerRunnerMixin, vi.gpu_model_runner_class()):
     """vLLM's V1 GPU model runner with the TwoTower block step."""
 
     def __init__(self, vllm_config: Any, device: Any) -> None:
@@ -25,15 +24,9 @@ class TwoTowerGPUModelRunner(TwoTowerRunnerMixin, GPUModelRunner):
         self._twotower_init()
 
 
-class TwoTowerGPUWorker(Worker):
-    """vLLM's GPU worker running :class:`TwoTowerGPUModelRunner`."""
+class TwoTowerGPUWorker(TwoTowerWorkerMixin, vi.gpu_worker_class()):
+    """vLLM's CUDA worker, building :class:`TwoTowerGPUModelRunner` in its runner factory."""
 
-    def init_device(self) -> None:
-        super().init_device()
-        self.model_runner = TwoTowerGPUModelRunner(self.vllm_config, self.device)
-
-    def twotower_stats(
-        self, request_id: str | None = None, include_requests: bool = True
-    ) -> dict[str, object]:
-        """See :meth:`vllm_twotower.engine.worker.TwoTowerCPUWorker.twotower_stats`."""
-        return self.model_runner.tt_requests.stats(request_id, include_requests)
+    def _make_model_runner(self) -> TwoTowerGPUModelRunner:
+        self.require_v1_runner()
+        return TwoTowerGPUModelRunner(self.vllm_config, self.device)
