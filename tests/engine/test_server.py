@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
@@ -145,6 +146,32 @@ def test_bad_request_is_400_while_good_ones_complete(server: str) -> None:
     assert "block_size" in bad.text
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert all(r.json()["choices"][0]["text"] for r in responses)
+
+
+def test_sampler_only_knobs_are_400_naming_the_field(server: str) -> None:
+    """Knobs vLLM applies inside its sampler are refused, never silently ignored."""
+    knobs = {"top_p": 0.5, "top_k": 3, "frequency_penalty": 0.5, "logit_bias": {"5": 3},
+             "logprobs": 2, "min_tokens": 4}  # fmt: skip
+    for name, value in knobs.items():
+        # Sampled: under greedy decoding vLLM itself resets the filters to "off".
+        response = complete(server, temperature=0.8, **{name: value})
+        assert response.status_code == 400, (name, response.text)
+        assert f"{name}=" in response.json()["error"]["message"], response.text
+    assert complete(server, temperature=0.8, top_p=1.0, top_k=-1).status_code == 200  # "off"
+
+
+def test_prompt_logprobs_come_from_the_context_tower(server: str, tiny_checkpoint: Path) -> None:
+    response = complete(server, max_tokens=1, prompt_logprobs=0, vllm_xargs={"mode": "ar"})
+    assert response.status_code == 200, response.text
+    got = response.json()["choices"][0]["prompt_logprobs"]
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    logits, _ = model.extend_context(torch.tensor(PROMPT), model.empty_context())
+    expected = torch.log_softmax(logits, dim=-1)[torch.arange(len(PROMPT) - 1), PROMPT[1:]]
+    assert got[0] is None and len(got) == len(PROMPT)
+    values = [
+        entry[str(token)]["logprob"] for entry, token in zip(got[1:], PROMPT[1:], strict=True)
+    ]
+    assert values == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_stop_string_cuts_inside_a_block(server: str) -> None:

@@ -22,6 +22,7 @@ from vllm_twotower.engine.params import (
     TwoTowerParamsValidator,
     set_admission_defaults,
 )
+from vllm_twotower.engine.sampling_fields import refusal_message, refused_fields
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,6 +66,22 @@ def max_block_size(hf_config: object) -> int:
     return DiffusionDefaults().block_size
 
 
+def refuse_unsupported_generation_defaults(defaults: dict[str, object]) -> None:
+    """Refuse server-wide sampling defaults the engine would not apply.
+
+    vLLM's server fills every request's unset sampling fields from the checkpoint's
+    ``generation_config.json`` (``--generation-config auto``); a default such as ``top_p`` would
+    make every request fail admission, so it is refused once, at start-up.
+    """
+    refused = refused_fields(defaults)
+    if refused:
+        name = refused[0]
+        raise ValueError(
+            f"generation_config: {refusal_message(name, defaults[name])}. Serve with "
+            "--generation-config vllm, or remove it from generation_config.json"
+        )
+
+
 class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
     """``MODELS_CONFIG_MAP`` entry for ``NemotronHTwoTowerForCausalLM``."""
 
@@ -91,6 +108,7 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
         procs = list(model_config.logits_processors or [])
         if VALIDATOR_FQCN not in procs:
             model_config.logits_processors = [*procs, VALIDATOR_FQCN]
+        refuse_unsupported_generation_defaults(model_config.get_diff_sampling_param())
         hf_config = model_config.hf_config
         defaults = ServerDefaults.from_hf_config(
             read_diffusion_defaults(model_config.model), max_block_size(hf_config), hf_config

@@ -21,6 +21,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_twotower.config import DiffusionDefaults
+from vllm_twotower.engine.sampling_fields import check_sampling_params
 from vllm_twotower.params import MODES, TwoTowerParams, resolve_params
 
 #: ``--hf-overrides`` keys that change server defaults (besides the DiffusionDefaults fields).
@@ -77,10 +78,7 @@ class TwoTowerParamsValidator(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         # The block step chooses tokens with the commit rule, not vLLM's sampler, so what
         # only that sampler implements is refused rather than silently ignored.
-        if sampling_params.logprobs is not None:
-            raise ValueError("logprobs are not supported by the TwoTower engine yet")
-        if sampling_params.structured_outputs is not None:
-            raise ValueError("structured_outputs are not supported by the TwoTower engine")
+        check_sampling_params(sampling_params)
         if _admission_defaults is not None:
             _admission_defaults.resolve(sampling_params.extra_args)
         else:  # a process without the hook's defaults still checks what it can

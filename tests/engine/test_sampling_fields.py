@@ -1,0 +1,82 @@
+"""No silent ignoring: every ``SamplingParams`` field is honoured or refused with its name.
+
+The walk over the installed ``SamplingParams`` makes a field added by a future vLLM fail here
+until it is classified in ``vllm_twotower.engine.sampling_fields``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm import SamplingParams
+
+from vllm_twotower.engine.params import TwoTowerParamsValidator
+from vllm_twotower.engine.sampling_fields import FIELDS, HONOURED, INTERNAL, REFUSED
+
+
+def sampling_params_fields() -> set[str]:
+    if dataclasses.is_dataclass(SamplingParams):
+        return {f.name for f in dataclasses.fields(SamplingParams)}
+    return set(SamplingParams.__struct_fields__)  # msgspec.Struct
+
+
+def refused_examples() -> dict[str, Any]:
+    """A value that would change the output, for every refused field."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return {
+        "top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5,
+        "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {5: 2.0},
+        "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3, "logprobs": 2,
+        "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
+        "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
+        "routed_experts_prompt_start": 1,
+    }  # fmt: skip
+
+
+def test_every_field_of_the_installed_sampling_params_is_classified() -> None:
+    fields = sampling_params_fields()
+    assert fields - FIELDS.keys() == set(), "classify these in engine/sampling_fields.py"
+    assert FIELDS.keys() - fields == set(), "these are no longer SamplingParams fields"
+    assert {f.handling for f in FIELDS.values()} == {HONOURED, REFUSED, INTERNAL}
+
+
+def test_every_refused_field_is_refused_naming_it() -> None:
+    examples = refused_examples()
+    assert examples.keys() == {n for n, f in FIELDS.items() if f.handling == REFUSED}
+    for name, value in examples.items():
+        params = SamplingParams(max_tokens=8)
+        setattr(params, name, value)  # bypasses SamplingParams' own checks of combinations
+        with pytest.raises(ValueError, match=rf"^{name}=") as error:
+            TwoTowerParamsValidator.validate_params(params)
+        assert "not supported by the TwoTower engine" in str(error.value)
+
+
+def test_neutral_values_of_refused_fields_are_accepted() -> None:
+    # What clients send for "off": lm-eval and the openai client send top_p=1, top_k=-1, ...
+    TwoTowerParamsValidator.validate_params(
+        SamplingParams(top_p=1.0, top_k=-1, min_p=0.0, presence_penalty=0.0,
+                       frequency_penalty=0.0, repetition_penalty=1.0, min_tokens=0,
+                       logit_bias={}, bad_words=[], temperature=0.7, seed=3, n=2,
+                       stop=["x"], prompt_logprobs=1, extra_args={"mode": "ar"})
+    )  # fmt: skip
+
+
+def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from tests.engine.test_runner_selection import engine_config
+
+    model = tmp_path / "nucleus"
+    shutil.copytree(tiny_checkpoint, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "top_p": 0.95}))
+    with pytest.raises(
+        ValueError, match=r"generation_config: top_p=0\.95 .*--generation-config vllm"
+    ):
+        engine_config(model)

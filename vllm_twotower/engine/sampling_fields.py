@@ -1,0 +1,127 @@
+"""Every ``SamplingParams`` field, classified: honoured by the TwoTower engine, or refused.
+
+The block step chooses every token (in each mode, ``ar`` included) with the commit rule
+(:mod:`vllm_twotower.commit`: temperature and position-keyed Gumbel noise over the full
+vocabulary), not with vLLM's sampler.  So what vLLM implements *inside* its sampler or its
+logits processors (nucleus / top-k / min-p filtering, penalties, logit bias, allowed and bad
+words, ``min_tokens``' EOS suppression, output logprobs, structured outputs) would not be
+applied.  Instead of silently ignoring such a field, admission refuses a request that sets it
+to anything but its neutral value, with a message naming the field (HTTP 400 from the server).
+
+What vLLM applies outside the sampler (stop conditions in the scheduler, detokenisation and
+streaming in the front end, prompt logprobs from the context tower's logits) is honoured.
+
+:data:`FIELDS` holds every field of the installed ``SamplingParams``;
+``tests/engine/test_sampling_fields.py`` fails when vLLM adds one that is not classified here,
+so a new knob can never be silently ignored.  ``docs/engine-design.md`` §5 renders this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+HONOURED, REFUSED, INTERNAL = "honoured", "refused", "internal"
+
+
+def _unset(value: Any) -> bool:
+    return value is None
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
+def _equals(*neutral: Any) -> Callable[[Any], bool]:
+    return lambda value: value in neutral
+
+
+@dataclass(frozen=True)
+class Field:
+    """How the engine treats one ``SamplingParams`` field."""
+
+    handling: str  # HONOURED, REFUSED or INTERNAL
+    where: str  # who applies it, or why it cannot be applied yet
+    neutral: Callable[[Any], bool] = _unset  # REFUSED: the values that change nothing
+
+
+_SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
+
+FIELDS: Mapping[str, Field] = {
+    # Honoured: the commit rule, the scheduler, the front end, the context tower.
+    "n": Field(HONOURED, "vLLM's front end (n child requests, each with its own noise seed)"),
+    "temperature": Field(HONOURED, "the commit rule (0 = greedy)"),
+    "seed": Field(HONOURED, "the commit rule's position-keyed noise"),
+    "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
+    "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
+    "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
+    "ignore_eos": Field(HONOURED, "the scheduler"),
+    "include_stop_str_in_output": Field(HONOURED, "the detokenizer"),
+    "repetition_detection": Field(HONOURED, "the scheduler's stop check, token by token"),
+    "prompt_logprobs": Field(HONOURED, "vLLM's prompt-logprob path over the context tower"),
+    "prompt_logprob_token_ids": Field(HONOURED, "vLLM's prompt-logprob path"),
+    "prompt_logprob_start": Field(HONOURED, "vLLM's prompt-logprob path"),
+    "flat_logprobs": Field(HONOURED, "the output format of prompt logprobs"),
+    "detokenize": Field(HONOURED, "the front end"),
+    "skip_special_tokens": Field(HONOURED, "the detokenizer"),
+    "spaces_between_special_tokens": Field(HONOURED, "the detokenizer"),
+    "output_kind": Field(HONOURED, "the front end (streaming deltas: one per committed block)"),
+    "stream_interval": Field(HONOURED, "the front end"),
+    "skip_clone": Field(HONOURED, "the front end"),
+    "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
+    "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
+    # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
+    "top_p": Field(REFUSED, _SAMPLER, _equals(1.0)),
+    "top_k": Field(REFUSED, _SAMPLER, _equals(0, -1)),
+    "min_p": Field(REFUSED, _SAMPLER, _equals(0.0)),
+    "presence_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
+    "frequency_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
+    "repetition_penalty": Field(REFUSED, _SAMPLER, _equals(1.0)),
+    "logit_bias": Field(REFUSED, _SAMPLER, _empty),
+    "allowed_token_ids": Field(REFUSED, _SAMPLER, _empty),
+    "bad_words": Field(REFUSED, _SAMPLER, _empty),
+    "min_tokens": Field(
+        REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)
+    ),
+    "logprobs": Field(REFUSED, _SAMPLER),
+    "logprob_token_ids": Field(REFUSED, _SAMPLER),
+    "structured_outputs": Field(REFUSED, "vLLM's grammar bitmask, applied in its sampler"),
+    "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),
+    "watermarking": Field(REFUSED, "Model Runner V2's sampler (TwoTower runs on V1)"),
+    "trace_decode_token_ids": Field(REFUSED, "Model Runner V2's trace replay"),
+    "routed_experts_prompt_start": Field(
+        REFUSED, "vLLM's routed-experts capture, which the TwoTower MoE does not record", _equals(0)
+    ),
+    # Set by vLLM itself from the tokenizer and other fields, never by a client.
+    "output_text_buffer_length": Field(INTERNAL, "derived from stop strings"),
+    "_eos_token_id": Field(INTERNAL, "the tokenizer"),
+    "_all_stop_token_ids": Field(INTERNAL, "derived from stop_token_ids and EOS"),
+    "_bad_words_token_ids": Field(INTERNAL, "derived from bad_words"),
+    "_watermarking_skipped": Field(INTERNAL, "derived from watermarking"),
+}
+
+
+def refused_fields(values: Mapping[str, Any]) -> list[str]:
+    """The refused fields that ``values`` sets to something other than a neutral value."""
+    return [
+        name
+        for name, field in FIELDS.items()
+        if field.handling == REFUSED and name in values and not field.neutral(values[name])
+    ]
+
+
+def refusal_message(name: str, value: Any) -> str:
+    """Why a request (or a server default) setting ``name`` is refused."""
+    return (
+        f"{name}={value!r} is not supported by the TwoTower engine: it is applied by "
+        f"{FIELDS[name].where}; leave {name} unset (see docs/engine-design.md §5)"
+    )
+
+
+def check_sampling_params(sampling_params: Any) -> None:
+    """Raise ``ValueError`` naming the first refused field a request sets."""
+    values = {name: getattr(sampling_params, name, None) for name in FIELDS}
+    refused = refused_fields(values)
+    if refused:
+        raise ValueError(refusal_message(refused[0], values[refused[0]]))
