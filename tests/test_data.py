@@ -233,3 +233,15 @@ def test_cli_writes_splits_and_tokenizer(tmp_path: Path) -> None:
     assert all((tmp_path / "tokenizer" / name).is_file() for name in TOKENIZER_FILES)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["seed"] == 5 and meta["vocab_size"] == vocab_size()
+
+
+def test_chat_template_renders_the_trained_prompt_format(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = build_tokenizer()
+    hf = transformers.AutoTokenizer.from_pretrained(str(save_tokenizer(tmp_path, tokenizer)))
+    one_turn = [{"role": "user", "content": "copy(ABC)="}]
+    rendered = hf.apply_chat_template(one_turn, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<bos>copy(ABC)="
+    assert hf(rendered, add_special_tokens=False).input_ids == tokenizer.encode("copy(ABC)=").ids
+    turns = [*one_turn, {"role": "assistant", "content": "ABC"}, {"role": "user", "content": "x"}]
+    assert hf.apply_chat_template(turns, tokenize=False) == "<bos>copy(ABC)=ABC<eos>x"

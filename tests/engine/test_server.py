@@ -212,3 +212,35 @@ def test_stats_endpoint_and_metrics(server: str, tiny_checkpoint: Path) -> None:
     passes = re.search(r"^vllm:twotower_denoiser_passes_total\{.*\} (\S+)$", metrics, re.M)
     assert passes is not None and float(passes.group(1)) == aggregate["nfe"]
     assert "vllm:twotower_tokens_per_denoiser_pass{" in metrics
+
+
+def test_official_openai_client_completions_chat_and_streaming(server: str) -> None:
+    """What a user of the `openai` package does: completions (streamed too) and chat."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    ar = {"vllm_xargs": {"mode": "ar"}}
+    prompt = "copy(ABC)="
+    whole = client.completions.create(
+        model=model, prompt=prompt, max_tokens=24, temperature=0.0, extra_body=ar
+    )
+    stream = client.completions.create(
+        model=model, prompt=prompt, max_tokens=24, temperature=0.0, extra_body=ar, stream=True
+    )
+    pieces = [chunk.choices[0].text for chunk in stream]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].text
+
+    # The checkpoint's chat template renders one user message as `<bos>` + its content, the
+    # prompt format the model was trained on, so chat equals the plain completion.
+    for mode in ("ar", "mask_diffusion"):
+        body = {"vllm_xargs": {"mode": mode}}
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24,
+            temperature=0.0, extra_body=body,
+        )  # fmt: skip
+        plain = client.completions.create(
+            model=model, prompt=prompt, max_tokens=24, temperature=0.0, extra_body=body
+        )
+        assert chat.choices[0].message.content == plain.choices[0].text, mode
+        assert chat.usage.prompt_tokens == plain.usage.prompt_tokens

@@ -79,6 +79,17 @@ def vocab_size(tokenizer: Tokenizer | None = None) -> int:
     return (tokenizer or build_tokenizer()).get_vocab_size(with_added_tokens=True)
 
 
+#: The chat template of the task checkpoints, so ``/v1/chat/completions`` works: ``<bos>``, then
+#: every message's content in order, an assistant turn closed by ``<eos>``.  A one-message chat
+#: renders exactly the prompt the model was trained on (``<bos>copy(ABC)=``), and the model
+#: continues after the last message (``add_generation_prompt`` adds nothing: the task format
+#: has no role markers).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
 def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, object]:
     """``tokenizer_config.json`` for ``transformers.PreTrainedTokenizerFast``.
 
@@ -86,6 +97,7 @@ def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, object]:
     ``" ,"`` to ``","`` on decode and break the exact round trip.
     """
     return {
+        "chat_template": CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
