@@ -149,3 +149,25 @@ def test_seeded_sampling_is_reproducible(tiny_model: TwoTowerModel, mode: str) -
 def test_empty_prompt_is_rejected(tiny_model: TwoTowerModel) -> None:
     with pytest.raises(ValueError, match="prompt"):
         generate(tiny_model, [[]])
+
+
+@pytest.mark.parametrize("mode", [AR, MOCK_AR, MASK_DIFFUSION])
+def test_logprobs_are_those_of_the_emitted_tokens(tiny_model: TwoTowerModel, mode: str) -> None:
+    """One log-probability per output token, under the distribution it was committed from."""
+    prompt = [1, 20, 30, 40]
+    (result,) = generate(
+        tiny_model,
+        [prompt],
+        TwoTowerParams(mode=mode),
+        SamplingSpec(max_new_tokens=21, ignore_eos=True),
+    )
+    assert len(result.logprobs) == len(result.output_ids) == 21
+    assert all(value <= 0.0 for value in result.logprobs)
+    if mode == AR:  # the context tower's distribution over the whole sequence, teacher-forced
+        ids = torch.tensor(prompt + result.output_ids)
+        logits, _ = tiny_model.extend_context(ids, tiny_model.empty_context())
+        steps = torch.arange(len(prompt) - 1, len(ids) - 1)
+        expected = torch.log_softmax(logits[steps], dim=-1)[torch.arange(21), ids[steps + 1]]
+        assert result.logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+    if mode == MASK_DIFFUSION:  # greedy: the log of the commit confidence, never the mask id
+        assert tiny_model.config.diffusion.mask_token_id not in result.output_ids

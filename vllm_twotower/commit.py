@@ -72,6 +72,15 @@ class CommitResult:
     confidence: torch.Tensor  # [B, S] float32: prediction confidence (+inf where decided before)
 
 
+def _suppressed(logits: torch.Tensor, mask_id: int | None) -> torch.Tensor:
+    """Float32 logits with ``mask_id`` (if any) made impossible; the input is left intact."""
+    logits = logits.float()
+    if mask_id is not None:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    return logits
+
+
 def predict(
     logits: torch.Tensor,
     *,
@@ -90,10 +99,7 @@ def predict(
     Returns:
         ``(token ids [...] int64, confidence [...] float32)``.
     """
-    logits = logits.float()
-    if mask_id is not None:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
+    logits = _suppressed(logits, mask_id)
     tokens = logits.argmax(dim=-1)
     sampling = temperature > 0
     if bool(sampling.any()):
@@ -105,6 +111,17 @@ def predict(
     log_z = torch.logsumexp(logits, dim=-1)
     confidence = torch.exp(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_z)
     return tokens, confidence
+
+
+def token_logprobs(logits: torch.Tensor, *, mask_id: int | None) -> torch.Tensor:
+    """Log-probabilities ``[..., V]`` (float32) of the distribution tokens are committed from.
+
+    The untempered softmax of the logits with the mask id suppressed where :func:`predict`
+    suppresses it, so a greedy token's log-probability is the log of its commit confidence.
+    Untempered, as vLLM's default ``logprobs_mode`` (``raw_logprobs``) reports them.  What a
+    request's ``logprobs`` return for each emitted token, in the reference and the engine.
+    """
+    return torch.log_softmax(_suppressed(logits, mask_id), dim=-1)
 
 
 def num_to_commit(

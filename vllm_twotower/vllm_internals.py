@@ -361,7 +361,7 @@ def drop_sampling_generators(runner: Any) -> None:
 
 
 @depends_on("vllm.v1.outputs:SamplerOutput")
-def sampler_output(sampled_token_ids: torch.Tensor) -> Any:
+def sampler_output(sampled_token_ids: torch.Tensor, logprobs: Any = None) -> Any:
     """A step's tokens, ``[num_reqs, width]`` padded with -1, as vLLM's ``SamplerOutput``.
 
     ``vllm/v1/outputs.py``: the multi-token shape is the speculative-decoding one, which
@@ -369,7 +369,7 @@ def sampler_output(sampled_token_ids: torch.Tensor) -> Any:
     """
     from vllm.v1.outputs import SamplerOutput
 
-    return SamplerOutput(sampled_token_ids=sampled_token_ids, logprobs_tensors=None)
+    return SamplerOutput(sampled_token_ids=sampled_token_ids, logprobs_tensors=logprobs)
 
 
 # --- the context tower's caches -------------------------------------------------------------
@@ -641,3 +641,39 @@ def attention_mixer_view(mixer: torch.nn.Module) -> AttentionMixerView:
         head_dim=mixer.head_dim,
         scaling=mixer.scaling,
     )
+
+
+# --- output logprobs ----------------------------------------------------------------------
+
+
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch.max_num_logprobs")
+def max_num_logprobs(runner: Any) -> int | None:
+    """The most output logprobs a request of this step asked for (``-1`` counted as the
+    vocabulary), ``None`` when none did (``InputBatch.max_num_logprobs``)."""
+    return runner.input_batch.max_num_logprobs
+
+
+@depends_on("vllm.v1.sample.sampler:Sampler.gather_logprobs", "vllm.v1.outputs:LogprobsTensors")
+def gather_logprobs(
+    logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, logprobs [N, num_logprobs + 1], ranks [N])`` of emitted tokens, vLLM's layout.
+
+    vLLM's own ``Sampler.gather_logprobs`` (``vllm/v1/sample/sampler.py``): column 0 is the
+    emitted token, then the top ``num_logprobs``; ranks count the tokens at least as likely.
+    """
+    from vllm.v1.sample.sampler import Sampler
+
+    gathered = Sampler.gather_logprobs(logprobs, num_logprobs, token_ids)
+    return gathered.logprob_token_ids, gathered.logprobs, gathered.selected_token_ranks
+
+
+def logprobs_tensors(ids: torch.Tensor, values: torch.Tensor, ranks: torch.Tensor) -> Any:
+    """One row per position of ``[num_reqs, width]`` sampled tokens, as ``LogprobsTensors``.
+
+    ``vllm/v1/outputs.py``: with one token per request the rows are the requests; with
+    several, ``RejectionSampler.parse_output`` keeps the rows of non-placeholder tokens.
+    """
+    from vllm.v1.outputs import LogprobsTensors
+
+    return LogprobsTensors(ids, values, ranks)

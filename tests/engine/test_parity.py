@@ -28,17 +28,18 @@ class Case:
     max_tokens: int = 40
     temperature: float = 0.0
     seed: int = 0
+    logprobs: int | None = None
 
 
 CASES = [
     Case(1, {}),  # mask_diffusion by default; a one-token prompt
-    Case(7, {"mode": "ar"}),
-    Case(16, {"mode": "mock_ar"}, max_tokens=20),  # prompt ends at a block boundary
-    Case(33, {"confidence_threshold": 0.5, "steps_per_block": 8}),
+    Case(7, {"mode": "ar"}, logprobs=3),
+    Case(16, {"mode": "mock_ar"}, max_tokens=20, logprobs=0),  # prompt ends at a block boundary
+    Case(33, {"confidence_threshold": 0.5, "steps_per_block": 8}, logprobs=2),
     Case(100, {"block_size": 8, "steps_per_block": 4}),
     Case(300, {"mode": "mask_diffusion", "confidence_threshold": 0.95}),
     Case(64, {"mode": "ar"}, temperature=0.8, seed=11),
-    Case(20, {}, temperature=0.7, seed=12),
+    Case(20, {}, temperature=0.7, seed=12, logprobs=1),
     Case(5, {"mode": "mock_ar"}, max_tokens=12, temperature=1.0, seed=13),
     Case(50, {"block_size": 16}, max_tokens=5),  # max_tokens smaller than a block
     Case(129, {"block_size": 4, "steps_per_block": 2, "confidence_threshold": 1.0}),
@@ -103,6 +104,7 @@ def engine_generate(llm, prompts, cases, n: int = 1):
             temperature=c.temperature,
             seed=c.seed if c.temperature > 0 else None,
             extra_args=c.extra_args,
+            logprobs=c.logprobs,
             n=n,
         )
         for c in cases
@@ -118,6 +120,8 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
     for case, exp, out in zip(CASES, expected, outs, strict=True):
         got = list(out.outputs[0].token_ids)
         assert got == exp.output_ids, f"{case}: engine {got} != reference {exp.output_ids}"
+        if case.logprobs is not None:
+            check_logprobs(out.outputs[0], exp.logprobs, case.logprobs)
     # Observability: denoiser passes per request, as the reference counts them.
     for case, exp, out in zip(CASES, expected, outs, strict=True):
         kwargs = {"request_id": out.request_id}  # the worker matches the engine's internal ids
@@ -126,6 +130,18 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
         assert entry["mode"] == case.extra_args.get("mode", "mask_diffusion")
     aggregate = llm.collective_rpc("twotower_stats")[0]["aggregate"]
     assert aggregate["tokens_per_nfe"] >= 1.0 and aggregate["steps_per_block"] >= 1.0
+
+
+def check_logprobs(output, expected: list[float], num_logprobs: int) -> None:
+    """Each emitted token's logprob is the reference's (the distribution it was committed
+    from), beside the ``num_logprobs`` most likely tokens, as vLLM's sampler reports them."""
+    assert len(output.logprobs) == len(output.token_ids) == len(expected)
+    for token, entries, value in zip(output.token_ids, output.logprobs, expected, strict=True):
+        chosen = entries[token]
+        assert chosen.logprob == pytest.approx(value, abs=1e-4)
+        assert len(entries) == num_logprobs + (chosen.rank > num_logprobs)
+        top = sorted(e.rank for t, e in entries.items() if t != token or e.rank <= num_logprobs)
+        assert top == list(range(1, num_logprobs + 1))
 
 
 def test_shared_prefixes_and_n(llm, tiny_checkpoint: Path) -> None:

@@ -32,7 +32,7 @@ def refused_examples() -> dict[str, Any]:
     return {
         "top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5,
         "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {5: 2.0},
-        "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3, "logprobs": 2,
+        "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
         "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,

@@ -101,12 +101,16 @@ def complete(base: str, **body: object) -> requests.Response:
 
 
 def reference(tiny_checkpoint: Path, mode: str) -> list[int]:
+    return reference_result(tiny_checkpoint, mode).output_ids
+
+
+def reference_result(tiny_checkpoint: Path, mode: str, max_new_tokens: int = 20):
     model = TwoTowerModel.from_pretrained(tiny_checkpoint)
     defaults = model.config.diffusion
     params = TwoTowerParams(mode, defaults.block_size, defaults.steps_per_block,
                             SERVER_THRESHOLD)  # fmt: skip
-    (result,) = generate(model, [PROMPT], params, SamplingSpec(max_new_tokens=20))
-    return result.output_ids
+    (result,) = generate(model, [PROMPT], params, SamplingSpec(max_new_tokens=max_new_tokens))
+    return result
 
 
 @pytest.mark.parametrize("mode", ["mask_diffusion", "ar", "mock_ar"])
@@ -151,7 +155,7 @@ def test_bad_request_is_400_while_good_ones_complete(server: str) -> None:
 def test_sampler_only_knobs_are_400_naming_the_field(server: str) -> None:
     """Knobs vLLM applies inside its sampler are refused, never silently ignored."""
     knobs = {"top_p": 0.5, "top_k": 3, "frequency_penalty": 0.5, "logit_bias": {"5": 3},
-             "logprobs": 2, "min_tokens": 4}  # fmt: skip
+             "min_tokens": 4}  # fmt: skip
     for name, value in knobs.items():
         # Sampled: under greedy decoding vLLM itself resets the filters to "off".
         response = complete(server, temperature=0.8, **{name: value})
@@ -172,6 +176,32 @@ def test_prompt_logprobs_come_from_the_context_tower(server: str, tiny_checkpoin
         entry[str(token)]["logprob"] for entry, token in zip(got[1:], PROMPT[1:], strict=True)
     ]
     assert values == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar", "mock_ar"])
+def test_output_logprobs_equal_the_reference(server: str, tiny_checkpoint: Path, mode: str) -> None:
+    # Token ids as keys: several ids of the tiny tokenizer decode to the same text.
+    response = complete(
+        server, logprobs=2, return_tokens_as_token_ids=True, vllm_xargs={"mode": mode}
+    )
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    expected = reference_result(tiny_checkpoint, mode).logprobs
+    assert logprobs["token_logprobs"] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) in (2, 3) for top in logprobs["top_logprobs"])
+
+
+def test_lm_eval_loglikelihood_request(server: str, tiny_checkpoint: Path) -> None:
+    """What lm-eval's local-completions sends for a log-likelihood task."""
+    response = complete(server, echo=True, logprobs=1, max_tokens=1, vllm_xargs={"mode": "ar"})
+    assert response.status_code == 200, response.text
+    got = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    logits, _ = model.extend_context(torch.tensor(PROMPT), model.empty_context())
+    prompt = torch.log_softmax(logits, dim=-1)[torch.arange(len(PROMPT) - 1), PROMPT[1:]]
+    (generated,) = reference_result(tiny_checkpoint, "ar", max_new_tokens=1).logprobs
+    assert got[0] is None and len(got) == len(PROMPT) + 1
+    assert got[1:] == pytest.approx([*prompt.tolist(), generated], abs=1e-4)
 
 
 def test_stop_string_cuts_inside_a_block(server: str) -> None:

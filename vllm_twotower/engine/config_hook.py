@@ -109,6 +109,12 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
         if VALIDATOR_FQCN not in procs:
             model_config.logits_processors = [*procs, VALIDATOR_FQCN]
         refuse_unsupported_generation_defaults(model_config.get_diff_sampling_param())
+        if model_config.logprobs_mode != "raw_logprobs":
+            raise ValueError(
+                f"--logprobs-mode {model_config.logprobs_mode} is not supported by the TwoTower "
+                "engine: it reports raw_logprobs (the untempered log-probability each token was "
+                "committed with; docs/engine-design.md §5)"
+            )
         hf_config = model_config.hf_config
         defaults = ServerDefaults.from_hf_config(
             read_diffusion_defaults(model_config.model), max_block_size(hf_config), hf_config

@@ -33,6 +33,7 @@ from vllm_twotower import vllm_internals as vi
 from vllm_twotower.commit import commit_step, noise_row_keys, predict
 from vllm_twotower.engine.config_hook import max_block_size, read_diffusion_defaults
 from vllm_twotower.engine.context_reader import ContextReader
+from vllm_twotower.engine.logprobs import StepLogprobs
 from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
 
@@ -57,6 +58,7 @@ class TwoTowerRunnerMixin:
         self.tt_mask_id = defaults.diffusion.mask_token_id
         self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self._tt_reader: ContextReader | None = None
+        self._tt_logprobs: StepLogprobs | None = None  # this step's, when a request asks
         self._tt_last_log = 0.0
 
     @property
@@ -121,11 +123,15 @@ class TwoTowerRunnerMixin:
         diffusing = live & (mode == MASK_DIFFUSION)
         width = int(table.block_size[slots[diffusing]].max()) if bool(diffusing.any()) else 1
         out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int32)
+        num_logprobs = vi.max_num_logprobs(self)
+        self._tt_logprobs = (
+            None if num_logprobs is None else StepLogprobs(num_reqs, width, num_logprobs)
+        )
 
         ar_rows = torch.nonzero(live & (mode == AR)).flatten()
         if ar_rows.numel():
             out[ar_rows, 0] = self._sample_ar(
-                logits[ar_rows], slots[ar_rows], seq_lens[ar_rows]
+                ar_rows, logits[ar_rows], slots[ar_rows], seq_lens[ar_rows]
             ).to(torch.int32)
         diffusion_rows = torch.nonzero(diffusing).flatten()
         if diffusion_rows.numel():
@@ -138,7 +144,8 @@ class TwoTowerRunnerMixin:
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
-        return vi.sampler_output(out)
+        logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
+        return vi.sampler_output(out, logprobs)
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Before the context pass, keep the Mamba states of mock-AR rows (``_sample_mock_ar``)."""
@@ -201,10 +208,11 @@ class TwoTowerRunnerMixin:
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
         )
+        self._tt_record_logprobs(rows, torch.zeros_like(rows), logits, tokens, None)
         return tokens.cpu().to(torch.int32)
 
     def _sample_ar(
-        self, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+        self, rows: torch.Tensor, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
     ) -> torch.Tensor:
         """Next token of AR rows; noise keyed by the new token's absolute position, step 0."""
         table = self.tt_requests
@@ -216,7 +224,20 @@ class TwoTowerRunnerMixin:
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
         )
+        self._tt_record_logprobs(rows, torch.zeros_like(rows), logits, tokens, None)
         return tokens.cpu()
+
+    def _tt_record_logprobs(
+        self,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        mask_id: int | None,
+    ) -> None:
+        """Keep the logprobs of tokens emitted at ``(rows, positions)`` if any row asked."""
+        if self._tt_logprobs is not None:
+            self._tt_logprobs.record(rows, positions, logits, tokens, mask_id)
 
     @torch.inference_mode()
     def _denoise_blocks(
@@ -267,6 +288,16 @@ class TwoTowerRunnerMixin:
                 seed=row["seed"],
                 block_start=row["block_start"],
             )
+            if self._tt_logprobs is not None:  # each token from the pass that decided it
+                decided = torch.nonzero((sub == mask_id) & (result.canvas != mask_id))
+                at, position = decided[:, 0], decided[:, 1]
+                self._tt_logprobs.record(
+                    rows[idx[at].cpu()],
+                    position,
+                    logits[at, position],
+                    result.canvas[at, position],
+                    mask_id,
+                )
             canvas[idx] = result.canvas
             step[idx] += 1
             s = slots[idx.cpu()]

@@ -4,12 +4,13 @@ The block step chooses every token (in each mode, ``ar`` included) with the comm
 (:mod:`vllm_twotower.commit`: temperature and position-keyed Gumbel noise over the full
 vocabulary), not with vLLM's sampler.  So what vLLM implements *inside* its sampler or its
 logits processors (nucleus / top-k / min-p filtering, penalties, logit bias, allowed and bad
-words, ``min_tokens``' EOS suppression, output logprobs, structured outputs) would not be
-applied.  Instead of silently ignoring such a field, admission refuses a request that sets it
-to anything but its neutral value, with a message naming the field (HTTP 400 from the server).
+words, ``min_tokens``' EOS suppression, structured outputs) would not be applied.  Instead
+of silently ignoring such a field, admission refuses a request that sets it to anything but
+its neutral value, with a message naming the field (HTTP 400 from the server).
 
 What vLLM applies outside the sampler (stop conditions in the scheduler, detokenisation and
-streaming in the front end, prompt logprobs from the context tower's logits) is honoured.
+streaming in the front end, prompt logprobs from the context tower's logits) is honoured, and
+so are output logprobs, which the block step reports itself (:mod:`.logprobs`).
 
 :data:`FIELDS` holds every field of the installed ``SamplingParams``;
 ``tests/engine/test_sampling_fields.py`` fails when vLLM adds one that is not classified here,
@@ -59,6 +60,9 @@ FIELDS: Mapping[str, Field] = {
     "ignore_eos": Field(HONOURED, "the scheduler"),
     "include_stop_str_in_output": Field(HONOURED, "the detokenizer"),
     "repetition_detection": Field(HONOURED, "the scheduler's stop check, token by token"),
+    "logprobs": Field(
+        HONOURED, "the block step: each token's log-probability in the pass that committed it"
+    ),
     "prompt_logprobs": Field(HONOURED, "vLLM's prompt-logprob path over the context tower"),
     "prompt_logprob_token_ids": Field(HONOURED, "vLLM's prompt-logprob path"),
     "prompt_logprob_start": Field(HONOURED, "vLLM's prompt-logprob path"),
@@ -84,7 +88,6 @@ FIELDS: Mapping[str, Field] = {
     "min_tokens": Field(
         REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)
     ),
-    "logprobs": Field(REFUSED, _SAMPLER),
     "logprob_token_ids": Field(REFUSED, _SAMPLER),
     "structured_outputs": Field(REFUSED, "vLLM's grammar bitmask, applied in its sampler"),
     "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),

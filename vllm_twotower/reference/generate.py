@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_twotower.commit import commit_step, fold_seed, noise_row_keys, predict
+from vllm_twotower.commit import commit_step, fold_seed, noise_row_keys, predict, token_logprobs
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, TwoTowerParams
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
@@ -44,6 +44,9 @@ class GenerationResult:
     nfe: int = 0  # denoiser forward passes
     tokens_per_step: list[int] = field(default_factory=list)  # tokens decided by each model step
     finish_reason: str = "length"  # "stop" (EOS) or "length"
+    #: log-probability of each output token under the distribution it was committed from
+    #: (:func:`~vllm_twotower.commit.token_logprobs`): what a request's ``logprobs`` report
+    logprobs: list[float] = field(default_factory=list)
 
 
 def _as_list(value: object, n: int) -> list:
@@ -91,24 +94,29 @@ class _Stopper:
         """Cut ``result.output_ids`` after EOS / at the length limit; True when done."""
         ids = result.output_ids
         if self.eos is not None and self.eos in ids:
-            del ids[ids.index(self.eos) + 1 :]
-            result.finish_reason = "stop"
-            return True
-        if len(ids) >= self.max_new_tokens:
-            del ids[self.max_new_tokens :]
-            result.finish_reason = "length"
-            return True
-        return False
+            end, result.finish_reason = ids.index(self.eos) + 1, "stop"
+        elif len(ids) >= self.max_new_tokens:
+            end, result.finish_reason = self.max_new_tokens, "length"
+        else:
+            return False
+        del ids[end:], result.logprobs[end:]
+        return True
 
 
-def _sample_next(logits: torch.Tensor, sampling: SamplingSpec, position: int) -> int:
-    """Next token from one logit row (no mask suppression: AR and mock-AR may emit it)."""
+def _emit_next(
+    result: GenerationResult, logits: torch.Tensor, sampling: SamplingSpec, position: int
+) -> int:
+    """Append the next token from one logit row (no mask suppression: AR and mock-AR may emit
+    it) and its log-probability to ``result``; return the token."""
     keys = noise_row_keys(
         torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
     )
     token, _ = predict(
         logits, mask_id=None, temperature=torch.tensor(sampling.temperature), row_keys=keys
     )
+    result.output_ids.append(int(token))
+    result.logprobs.append(float(token_logprobs(logits, mask_id=None)[token]))
+    result.tokens_per_step.append(1)
     return int(token)
 
 
@@ -119,9 +127,7 @@ def _generate_ar(
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     logits, state = model.extend_context(prompt, model.empty_context())
     while True:
-        token = _sample_next(logits[-1], sampling, state.length)
-        result.output_ids.append(token)
-        result.tokens_per_step.append(1)
+        token = _emit_next(result, logits[-1], sampling, state.length)
         if stopper.finish(result):
             return result
         logits, state = model.extend_context(prompt.new_tensor([token]), state)
@@ -141,9 +147,7 @@ def _generate_mock_ar(
     while True:
         logits = model.denoise(last, before, t=None)
         result.nfe += 1
-        token = _sample_next(logits[-1], sampling, before.length + 1)
-        result.output_ids.append(token)
-        result.tokens_per_step.append(1)
+        token = _emit_next(result, logits[-1], sampling, before.length + 1)
         if stopper.finish(result):
             return result
         _, before = model.extend_context(last, before)
@@ -160,16 +164,18 @@ def fill_blocks(
     device: torch.device,
     temperature: float = 0.0,
     seed: int = 0,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
 
     ``logits_of(canvas [rows, S]) -> [rows, S, V]`` is the denoiser pass (its time conditioning
-    included).  Returns ``(blocks [rows, S], positions decided by each pass [rows])``; passes
-    stop once no row holds a mask.  The reference calls it with one row; stage-2 validation
+    included).  Returns ``(blocks [rows, S], positions decided by each pass [rows], each
+    token's log-probability in the pass that decided it [rows, S])``; passes stop once no row
+    holds a mask.  The reference calls it with one row; stage-2 validation
     (:mod:`vllm_twotower.train.decoding`) with a batch of equal-length prompts.
     """
     size, steps = params.block_size, params.steps_per_block
     canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, size, device=device)
     per_pass = []
 
     def per_row(value: float | int, dtype: torch.dtype) -> torch.Tensor:
@@ -178,8 +184,9 @@ def fill_blocks(
     for step in range(steps):
         if not bool((canvas == mask_id).any()):
             break
+        logits = logits_of(canvas)
         committed = commit_step(
-            logits_of(canvas),
+            logits,
             canvas,
             mask_id=mask_id,
             threshold=per_row(params.confidence_threshold, torch.float32),
@@ -189,9 +196,12 @@ def fill_blocks(
             seed=per_row(seed, torch.long),
             block_start=per_row(block_start, torch.long),
         )
+        decided = (canvas == mask_id) & (committed.canvas != mask_id)
+        chosen = token_logprobs(logits, mask_id=mask_id).gather(-1, committed.canvas[..., None])
+        logprobs = torch.where(decided, chosen[..., 0], logprobs)
         canvas = committed.canvas
         per_pass.append(committed.num_committed)
-    return canvas, per_pass
+    return canvas, per_pass, logprobs
 
 
 def denoise_block(
@@ -199,15 +209,16 @@ def denoise_block(
     context: ContextState,
     params: TwoTowerParams,
     sampling: SamplingSpec,
-) -> tuple[torch.Tensor, list[int]]:
-    """Fill one block of ``[MASK]`` after ``context``; return ``(block ids, tokens per pass)``."""
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """Fill one block of ``[MASK]`` after ``context``; return ``(block ids, tokens per pass,
+    each token's log-probability)``."""
     mask_id = model.config.diffusion.mask_token_id
 
     def logits_of(canvas: torch.Tensor) -> torch.Tensor:
         t = int((canvas == mask_id).sum()) / params.block_size
         return model.denoise(canvas[0], context, t=t)[None]
 
-    block, per_pass = fill_blocks(
+    block, per_pass, logprobs = fill_blocks(
         logits_of,
         1,
         params,
@@ -217,7 +228,7 @@ def denoise_block(
         temperature=sampling.temperature,
         seed=fold_seed(sampling.seed),
     )
-    return block[0], [int(n[0]) for n in per_pass]
+    return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
 
 def _generate_diffusion(
@@ -227,10 +238,11 @@ def _generate_diffusion(
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     _, context = model.extend_context(prompt, model.empty_context())
     while True:
-        block, per_pass = denoise_block(model, context, params, sampling)
+        block, per_pass, logprobs = denoise_block(model, context, params, sampling)
         result.nfe += len(per_pass)
         result.tokens_per_step.extend(per_pass)
         result.output_ids.extend(block.tolist())
+        result.logprobs.extend(logprobs)
         if stopper.finish(result):
             return result
         _, context = model.extend_context(block, context)

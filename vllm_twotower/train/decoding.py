@@ -59,7 +59,7 @@ def _decode_group(
     passes = committed = 0
     for _ in range(math.ceil(max_new_tokens / size)):
         context = context_state(model, sequence)
-        canvas, per_pass = fill_blocks(
+        canvas, per_pass, _ = fill_blocks(
             lambda canvas, context=context: denoiser_logits(model, canvas, context),
             rows,
             params,
