@@ -48,8 +48,9 @@ def test_validator_hook_rejects_at_admission() -> None:
     TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"mode": "ar"}))
     with pytest.raises(ValueError, match="block_size"):
         TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"block_size": -1}))
-    with pytest.raises(ValueError, match="logprobs"):
-        TwoTowerParamsValidator.validate_params(SamplingParams(logprobs=2))
+    TwoTowerParamsValidator.validate_params(SamplingParams(logprobs=2))  # honoured
+    with pytest.raises(ValueError, match="top_p"):
+        TwoTowerParamsValidator.validate_params(SamplingParams(temperature=0.8, top_p=0.5))
     from vllm.sampling_params import StructuredOutputsParams
 
     guided = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
