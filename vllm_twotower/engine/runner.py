@@ -208,7 +208,7 @@ class TwoTowerRunnerMixin:
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
         )
-        self._tt_record_logprobs(rows, torch.zeros_like(rows), logits, tokens, None)
+        self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu().to(torch.int32)
 
     def _sample_ar(
@@ -224,20 +224,15 @@ class TwoTowerRunnerMixin:
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
         )
-        self._tt_record_logprobs(rows, torch.zeros_like(rows), logits, tokens, None)
+        self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu()
 
-    def _tt_record_logprobs(
-        self,
-        rows: torch.Tensor,
-        positions: torch.Tensor,
-        logits: torch.Tensor,
-        tokens: torch.Tensor,
-        mask_id: int | None,
+    def _tt_record_one_token_per_row(
+        self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor
     ) -> None:
-        """Keep the logprobs of tokens emitted at ``(rows, positions)`` if any row asked."""
+        """Keep the logprobs of AR / mock-AR tokens (no mask suppression) if any row asked."""
         if self._tt_logprobs is not None:
-            self._tt_logprobs.record(rows, positions, logits, tokens, mask_id)
+            self._tt_logprobs.record(rows, torch.zeros_like(rows), logits, tokens, mask_id=None)
 
     @torch.inference_mode()
     def _denoise_blocks(
