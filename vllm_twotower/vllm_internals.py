@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -76,3 +77,19 @@ def missing_dependencies() -> list[str]:
         if not found:
             missing.append(dependency)
     return missing
+
+
+# --- real checkpoint (issue #26)
+
+
+@depends_on("vllm.distributed.device_communicators.cpu_communicator:_CPUSHMDistributed")
+def set_cpu_shm_identifier(distributed_init_method: str) -> None:
+    """Name vLLM's CPU shared-memory all-reduce segments for a process group set up by hand.
+
+    ``_CPUSHMDistributed.make_group_name`` (``vllm/distributed/device_communicators/
+    cpu_communicator.py``) reads the environment variable ``VLLM_DIST_IDENT``, which only
+    vLLM's ``CPUWorker.init_device`` (``vllm/v1/worker/cpu_worker.py``) sets: to the port of
+    the init method.  ``tools/check_checkpoint`` builds TP groups without a worker, so it sets
+    the variable the same way.
+    """
+    os.environ["VLLM_DIST_IDENT"] = distributed_init_method.rsplit(":", 1)[-1]

@@ -28,6 +28,7 @@ from queue import Empty
 import torch
 
 from vllm_twotower.checkpoint import canonical_name, shard_files
+from vllm_twotower.vllm_internals import set_cpu_shm_identifier
 
 MetaWeights = Iterable[tuple[str, torch.Tensor]]
 
@@ -82,9 +83,7 @@ def model_parallel(tp_size: int, rank: int, init_method: str) -> Iterator[None]:
         init_distributed_environment,
     )
 
-    # vLLM's CPU communicator names its shared-memory segments after this (set by its CPU
-    # worker the same way: the port of the init method).
-    os.environ["VLLM_DIST_IDENT"] = init_method.rsplit(":", 1)[-1]
+    set_cpu_shm_identifier(init_method)  # what vLLM's CPU worker does before this call
     init_distributed_environment(
         world_size=tp_size,
         rank=rank,
