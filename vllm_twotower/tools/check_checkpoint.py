@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from queue import Empty
@@ -31,6 +32,9 @@ from vllm_twotower.checkpoint import canonical_name, shard_files
 from vllm_twotower.vllm_internals import set_cpu_shm_identifier
 
 MetaWeights = Iterable[tuple[str, torch.Tensor]]
+
+#: How long a rank waits for the others to join or answer a collective.
+RANK_TIMEOUT = timedelta(minutes=5)
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
@@ -90,6 +94,7 @@ def model_parallel(tp_size: int, rank: int, init_method: str) -> Iterator[None]:
         distributed_init_method=init_method,
         local_rank=rank,
         backend="gloo",
+        timeout=RANK_TIMEOUT,  # a rank that never joins fails the check instead of hanging it
     )
     ensure_model_parallel_initialized(tp_size, 1)
     try:
