@@ -29,6 +29,23 @@ _SPELLINGS = (
 )
 
 
+#: The dtype router weights and ``e_score_correction_bias`` are kept in, whatever the model
+#: dtype: NVIDIA's code and vLLM's NemotronH MoE keep them in float32 (and route in float64 /
+#: float32); a bf16 router changes the expert choice on close scores.
+ROUTER_DTYPE = torch.float32
+_ROUTER_TENSOR = re.compile(r"\.mixer\.gate\.(weight|e_score_correction_bias)$")
+
+
+def is_router_tensor(name: str) -> bool:
+    """Whether a checkpoint / state-dict name is a router weight or correction bias."""
+    return _ROUTER_TENSOR.search(name) is not None
+
+
+def kept_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor ``name`` is kept in by a model running in ``dtype``."""
+    return ROUTER_DTYPE if is_router_tensor(name) else dtype
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not match the model's tensors."""
 
@@ -64,7 +81,8 @@ def shard_files(path: str | Path) -> list[Path]:
 def iter_tensors(
     path: str | Path, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(canonical name, tensor)`` for every stored tensor, converted to ``dtype``."""
+    """Yield ``(canonical name, tensor)`` for every stored tensor, converted to ``dtype``
+    (routers to :data:`ROUTER_DTYPE`)."""
     seen: set[str] = set()
     for file in shard_files(path):
         with safe_open(str(file), framework="pt") as f:
@@ -74,12 +92,21 @@ def iter_tensors(
                     raise CheckpointError(f"{file}: tensor '{name}' is stored twice")
                 seen.add(name)
                 tensor = f.get_tensor(stored)
-                yield name, tensor if dtype is None else tensor.to(dtype)
+                yield name, tensor if dtype is None else tensor.to(kept_dtype(name, dtype))
 
 
 def load_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint under their canonical names."""
     return dict(iter_tensors(path, dtype))
+
+
+def name_list(names: list[str], limit: int = 32) -> str:
+    """``names`` for an error message, the first ``limit`` of them and a count of the rest.
+
+    A checkpoint missing a whole tower lacks thousands of tensors; the message stays readable.
+    """
+    shown = ", ".join(names[:limit])
+    return f"[{shown}]" if len(names) <= limit else f"[{shown}, ... and {len(names) - limit} more]"
 
 
 def check_names(expected: set[str], found: set[str], *, source: str) -> None:
@@ -89,9 +116,9 @@ def check_names(expected: set[str], found: set[str], *, source: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensors {missing}")
+            parts.append(f"missing tensors {name_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
+            parts.append(f"unexpected tensors {name_list(unexpected)}")
         raise CheckpointError(f"{source}: " + "; ".join(parts))
 
 

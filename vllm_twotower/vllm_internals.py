@@ -677,3 +677,19 @@ def logprobs_tensors(ids: torch.Tensor, values: torch.Tensor, ranks: torch.Tenso
     from vllm.v1.outputs import LogprobsTensors
 
     return LogprobsTensors(ids, values, ranks)
+
+
+# --- real checkpoint (issue #26)
+
+
+@depends_on("vllm.distributed.device_communicators.cpu_communicator:_CPUSHMDistributed")
+def set_cpu_shm_identifier(distributed_init_method: str) -> None:
+    """Name vLLM's CPU shared-memory all-reduce segments for a process group set up by hand.
+
+    ``_CPUSHMDistributed.make_group_name`` (``vllm/distributed/device_communicators/
+    cpu_communicator.py``) reads the environment variable ``VLLM_DIST_IDENT``, which only
+    vLLM's ``CPUWorker.init_device`` (``vllm/v1/worker/cpu_worker.py``) sets: to the port of
+    the init method.  ``tools/check_checkpoint`` builds TP groups without a worker, so it sets
+    the variable the same way.
+    """
+    os.environ["VLLM_DIST_IDENT"] = distributed_init_method.rsplit(":", 1)[-1]

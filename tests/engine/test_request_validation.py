@@ -96,3 +96,35 @@ def test_unseeded_requests_draw_the_same_seeds_on_every_rank() -> None:
     other = RequestTable(defaults(), capacity=2, seed=8)
     (slot,) = other.slots(["a"], [sampled])
     assert other.seed[slot] != ranks[0].seed[slots[0][0]]  # the server seed decides the draw
+
+
+def test_block_size_bound_is_the_trained_block_not_the_chunk_size() -> None:
+    """The real config has ``chunk_size`` 128 and was trained on blocks of 16: 16 is the bound,
+    and a refused request is told why and how a server opts in."""
+    from vllm_twotower.engine.config_hook import block_size_reason, max_block_size
+
+    real = SimpleNamespace(chunk_size=128)
+    assert max_block_size(real) == 16
+    assert max_block_size(real, trained_block_size=8) == 8
+    bound = max_block_size(real, 16)
+    served = ServerDefaults.from_hf_config(
+        DiffusionDefaults(), bound, real, block_size_reason=block_size_reason(real, bound)
+    )
+    assert served.resolve({"block_size": 16}).block_size == 16
+    for too_big in (17, 64, 128.0):
+        with pytest.raises(ValueError, match="block_size") as err:
+            served.resolve({"block_size": too_big})
+        assert "trained with blocks of 16" in str(err.value)
+        assert '"max_block_size": N' in str(err.value)
+
+    opted = SimpleNamespace(chunk_size=128, max_block_size=64)
+    bound = max_block_size(opted, 16)
+    assert bound == 64
+    served = ServerDefaults.from_hf_config(
+        DiffusionDefaults(), bound, opted, block_size_reason=block_size_reason(opted, bound)
+    )
+    assert served.resolve({"block_size": 64}).block_size == 64
+    with pytest.raises(ValueError, match="at most 64"):
+        served.resolve({"block_size": 65})
+    with pytest.raises(ValueError, match="max_block_size"):
+        max_block_size(SimpleNamespace(max_block_size=0))

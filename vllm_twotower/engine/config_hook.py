@@ -57,13 +57,38 @@ def read_diffusion_defaults(model: str) -> DiffusionDefaults:
     return TwoTowerConfig.from_pretrained(model).diffusion
 
 
-def max_block_size(hf_config: object) -> int:
-    """The block size the denoiser was trained with (= the Mamba chunk size)."""
-    for name in ("chunk_size", "mamba_chunk_size"):
-        value = getattr(hf_config, name, None)
-        if value:
-            return int(value)
-    return DiffusionDefaults().block_size
+#: ``--hf-overrides`` key with which a server opts in to blocks larger than the trained one.
+MAX_BLOCK_SIZE_KEY = "max_block_size"
+
+
+def max_block_size(hf_config: object, trained_block_size: int | None = None) -> int:
+    """The largest ``block_size`` a request may ask for.
+
+    By default the block the checkpoint's denoiser was trained with: ``trained_block_size``
+    (``generation_config.json``'s ``block_size``; NVIDIA's published 16 when absent).  Not the
+    Mamba ``chunk_size``: that is a kernel tiling parameter (128 in the real config), and the
+    published measurements show quality collapsing on blocks the model never saw (64).  A server
+    may opt in to larger blocks with ``--hf-overrides '{"max_block_size": N}'``.
+    """
+    opt_in = getattr(hf_config, MAX_BLOCK_SIZE_KEY, None)
+    if opt_in is not None:
+        if isinstance(opt_in, bool) or not isinstance(opt_in, int) or opt_in < 1:
+            raise ValueError(
+                f"--hf-overrides {MAX_BLOCK_SIZE_KEY} must be a positive integer, got {opt_in!r}"
+            )
+        return opt_in
+    return trained_block_size or DiffusionDefaults().block_size
+
+
+def block_size_reason(hf_config: object, bound: int) -> str:
+    """Why ``bound`` is the largest block: the text a refused request's 400 carries."""
+    if getattr(hf_config, MAX_BLOCK_SIZE_KEY, None) is not None:
+        return f"this server allows blocks of at most {bound} (--hf-overrides {MAX_BLOCK_SIZE_KEY})"
+    return (
+        f"the checkpoint's denoiser was trained with blocks of {bound} and its quality drops "
+        f"on larger ones; a server may allow them with "
+        f"--hf-overrides '{{\"{MAX_BLOCK_SIZE_KEY}\": N}}'"
+    )
 
 
 def refuse_unsupported_generation_defaults(defaults: dict[str, object]) -> None:
@@ -116,8 +141,10 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
                 "committed with; docs/engine-design.md §5)"
             )
         hf_config = model_config.hf_config
+        trained = read_diffusion_defaults(model_config.model)
+        bound = max_block_size(hf_config, trained.block_size)
         defaults = ServerDefaults.from_hf_config(
-            read_diffusion_defaults(model_config.model), max_block_size(hf_config), hf_config
+            trained, bound, hf_config, block_size_reason=block_size_reason(hf_config, bound)
         )
         set_admission_defaults(defaults)
         logger.info("TwoTower engine defaults: %s", defaults)

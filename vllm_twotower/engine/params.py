@@ -35,10 +35,18 @@ class ServerDefaults:
     diffusion: DiffusionDefaults
     max_block_size: int
     mode: str = "mask_diffusion"
+    #: Why ``max_block_size`` is the bound (config_hook.block_size_reason), told to a request
+    #: that asks for more.
+    block_size_reason: str = ""
 
     @classmethod
     def from_hf_config(
-        cls, diffusion: DiffusionDefaults, max_block_size: int, hf_config: Any
+        cls,
+        diffusion: DiffusionDefaults,
+        max_block_size: int,
+        hf_config: Any,
+        *,
+        block_size_reason: str = "",
     ) -> ServerDefaults:
         """Apply ``--hf-overrides`` (attributes of the HF config) on top of the checkpoint's."""
         overrides = {
@@ -46,7 +54,9 @@ class ServerDefaults:
             for name in ("block_size", "steps_per_block", "confidence_threshold")
             if getattr(hf_config, name, None) is not None
         }
-        defaults = cls(replace(diffusion, **overrides), max_block_size)
+        defaults = cls(
+            replace(diffusion, **overrides), max_block_size, block_size_reason=block_size_reason
+        )
         mode = getattr(hf_config, DEFAULT_MODE_KEY, None)
         if mode is not None:
             defaults = replace(defaults, mode=mode)
@@ -57,6 +67,16 @@ class ServerDefaults:
     def resolve(self, extra_args: dict[str, Any] | None) -> TwoTowerParams:
         """A request's parameters; raises ``ValueError`` naming the first invalid field."""
         args = {"mode": self.mode, **(extra_args or {})}
+        size = args.get("block_size")
+        if (
+            isinstance(size, (int, float))
+            and not isinstance(size, bool)
+            and size > self.max_block_size
+        ):
+            raise ValueError(
+                f"block_size must be at most {self.max_block_size}, got {size}: "
+                + (self.block_size_reason or "the model's largest block")
+            )
         return resolve_params(args, self.diffusion, self.max_block_size)
 
 

@@ -26,6 +26,7 @@ from vllm.model_executor.models.nemotron_h import NemotronHMLP, NemotronHMoEDeco
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_twotower.checkpoint import ROUTER_DTYPE
 from vllm_twotower.ops.moe import moe_forward
 
 
@@ -62,6 +63,10 @@ def _twotower_moe_fake(hidden: torch.Tensor, *args: object) -> torch.Tensor:
 direct_register_custom_op("twotower_moe", _twotower_moe, fake_impl=_twotower_moe_fake)
 
 
+#: Checkpoint projection name -> (stacked parameter, axis of one expert's matrix TP shards).
+_EXPERT_PARAMS = {"up_proj": ("up_weights", 0), "down_proj": ("down_weights", 1)}
+
+
 def _expert_rows(param: torch.Tensor, loaded: torch.Tensor, expert: int, axis: int) -> None:
     """Copy this rank's shard (along ``axis`` of one expert's matrix) into ``param[expert]``."""
     shard = param.shape[1 + axis]
@@ -82,10 +87,14 @@ class TwoTowerMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.routed_scaling_factor = float(config.routed_scaling_factor)
         self.norm_topk_prob = bool(config.norm_topk_prob)
+        # The router stays float32 whatever the model dtype, as NVIDIA's code and vLLM's own
+        # NemotronH MoE keep it: rounding it to bf16 changes the expert choice on close scores.
         self.gate = nn.Module()
-        self.gate.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
+        self.gate.weight = nn.Parameter(
+            torch.empty(num_experts, hidden, dtype=ROUTER_DTYPE), requires_grad=False
+        )
         self.gate.e_score_correction_bias = nn.Parameter(
-            torch.empty(num_experts, dtype=torch.float32), requires_grad=False
+            torch.empty(num_experts, dtype=ROUTER_DTYPE), requires_grad=False
         )
         self.up_weights = nn.Parameter(
             torch.empty(num_experts, inter // tp, hidden), requires_grad=False
@@ -93,6 +102,7 @@ class TwoTowerMoE(nn.Module):
         self.down_weights = nn.Parameter(
             torch.empty(num_experts, hidden, inter // tp), requires_grad=False
         )
+        self._experts_filled: dict[str, set[int]] = {}  # stacked parameter -> experts written
         shared = (config.moe_shared_expert_intermediate_size or 0) * (config.n_shared_experts or 0)
         self.shared_experts = (
             NemotronHMLP(
@@ -128,18 +138,22 @@ class TwoTowerMoE(nn.Module):
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load checkpoint names relative to the mixer; return the names of params loaded."""
+        """Load checkpoint names relative to the mixer; return the names of params loaded.
+
+        A stacked expert parameter counts as loaded only once every expert has been written
+        into it (across calls: vLLM may hand a layer's tensors over in several runs).
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             if name.startswith("experts."):
                 _, expert, proj, _ = name.split(".")
-                if proj == "up_proj":
-                    _expert_rows(self.up_weights, tensor, int(expert), axis=0)
-                    loaded.add("up_weights")
-                else:
-                    _expert_rows(self.down_weights, tensor, int(expert), axis=1)
-                    loaded.add("down_weights")
+                target, axis = _EXPERT_PARAMS[proj]
+                _expert_rows(getattr(self, target), tensor, int(expert), axis=axis)
+                filled = self._experts_filled.setdefault(target, set())
+                filled.add(int(expert))
+                if len(filled) == self.up_weights.shape[0]:
+                    loaded.add(target)
                 continue
             param = params[name]
             loader = getattr(param, "weight_loader", None)

@@ -35,6 +35,8 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.sequence import IntermediateTensors
 
 from vllm_twotower.checkpoint import canonical_name
+from vllm_twotower.config import TwoTowerConfig
+from vllm_twotower.layout import LoadAudit, check_parameters_filled
 from vllm_twotower.model.blockwise import BlockContext, MambaStates, run_layers
 from vllm_twotower.model.denoiser import DenoiserTower, mamba_options
 from vllm_twotower.model.moe import TwoTowerMoEDecoderLayer, needs_project_moe
@@ -149,6 +151,26 @@ class NemotronHTwoTowerForCausalLM(nn.Module, HasInnerState, IsHybrid):
         return states
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load a checkpoint strictly: every parameter, every expert, nothing unexpected.
+
+        vLLM's own checks miss a partial download (see :mod:`vllm_twotower.layout`), so the
+        stream is audited against the config's layout on its way to vLLM's loader, and every
+        parameter must then have been reached; either failure raises a ``CheckpointError``
+        naming the tensors.
+        """
+        source = str(self.vllm_config.model_config.model)
+        audit = LoadAudit(
+            TwoTowerConfig.from_dict(self.config.to_dict(), source=f"{source} config"),
+            source=source,
+            routed_experts_optional=self.vllm_config.parallel_config.enable_expert_parallel,
+        )
         canonical = ((canonical_name(name), tensor) for name, tensor in weights)
         loader = AutoWeightsLoader(self)
-        return loader.load_weights(canonical, mapper=self.hf_to_vllm_mapper)
+        loaded = loader.load_weights(audit.filter(canonical), mapper=self.hf_to_vllm_mapper)
+        audit.check()
+        # Quantization (online or from a quantized checkpoint) adds parameters no bf16
+        # checkpoint tensor fills, such as scales; vLLM's own check covers those models.
+        if self.vllm_config.model_config.quantization is None:
+            params = (name for name, _ in self.named_parameters())
+            check_parameters_filled(params, loaded, source=source)
+        return loaded

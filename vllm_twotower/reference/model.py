@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_twotower.checkpoint import check_names, load_state_dict
+from vllm_twotower.checkpoint import check_names, kept_dtype, load_state_dict
 from vllm_twotower.config import TwoTowerConfig
 from vllm_twotower.reference.blocks import Backbone, ContextState
 
@@ -82,6 +82,8 @@ class TwoTowerModel(nn.Module):
         """Load a checkpoint directory; missing or unexpected tensors raise, named."""
         config = TwoTowerConfig.from_pretrained(path)
         model = cls(config).to(dtype)
+        for name, param in model.named_parameters():  # routers stay float32 (ROUTER_DTYPE)
+            param.data = param.data.to(kept_dtype(name, dtype))
         state_dict = load_state_dict(path, dtype)
         check_names(set(model.state_dict()), set(state_dict), source=str(path))
         model.load_state_dict(state_dict)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_twotower.checkpoint import save_checkpoint
+from vllm_twotower.checkpoint import kept_dtype, save_checkpoint
 from vllm_twotower.config import TwoTowerConfig
 from vllm_twotower.data.tokenizer import save_tokenizer
 from vllm_twotower.reference.model import TwoTowerModel
@@ -91,7 +91,9 @@ def make_tiny_checkpoint(
     config = config or tiny_config()
     model = TwoTowerModel(config)
     init_random(model, seed)
-    save_checkpoint(out, model.to(dtype).state_dict(), config, max_shard_bytes=max_shard_bytes)
+    # Stored as NVIDIA stores a bf16 checkpoint: routers in float32, everything else in dtype.
+    state = {name: t.to(kept_dtype(name, dtype)) for name, t in model.state_dict().items()}
+    save_checkpoint(out, state, config, max_shard_bytes=max_shard_bytes)
     save_tokenizer(out)
     return config
 
