@@ -50,6 +50,17 @@ def read_diffusion_defaults(model: str) -> DiffusionDefaults:
     return TwoTowerConfig.from_pretrained(model).diffusion
 
 
+#: Why ``--pipeline-parallel-size`` > 1 is refused (vLLM would refuse it too, for want of
+#: ``SupportsPP``, in words that do not say why).
+PIPELINE_PARALLEL_ERROR = (
+    "TwoTower does not support pipeline parallelism (--pipeline-parallel-size {size}): every "
+    "engine step runs the denoiser's iterative passes (up to steps_per_block per block) over "
+    "all layers, each layer reading the context tower's KV cache / Mamba state of the same "
+    "layer index, while vLLM's pipeline parallelism hands activations between stages once per "
+    "step. Split the model across nodes with --tensor-parallel-size instead."
+)
+
+
 def max_block_size(hf_config: object) -> int:
     """The block size the denoiser was trained with (= the Mamba chunk size)."""
     for name in ("chunk_size", "mamba_chunk_size"):
@@ -68,6 +79,8 @@ class TwoTowerConfigHook(NemotronHForCausalLMConfig):
         super().verify_and_update_config(vllm_config)
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError(PIPELINE_PARALLEL_ERROR.format(size=parallel.pipeline_parallel_size))
         if parallel.worker_cls == "auto":
             parallel.worker_cls = worker_cls_name()
         # The block step returns several tokens per request; the async output path assumes one.
