@@ -128,31 +128,44 @@ class LoopbackCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def start(self, timeout_s: float = 180) -> None:
-        """Start both nodes, head first; each is up once ``ray start`` says so."""
+    def start(self, timeout_s: float = 180, attempts: int = 3) -> None:
+        """Start both nodes, head first; each is up once ``ray start`` says so.
+
+        A node gets ``attempts`` tries: ``ray start`` gives a raylet a fixed 30 s to register
+        with the head, which a 2-core machine under load sometimes misses.
+        """
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         if not self.port_base:
             self.port_base = free_port_block()
         for node in range(len(NODE_IPS)):
-            log = self.temp_dir / f"node{node}.log"
-            with open(log, "w") as out:
-                proc = subprocess.Popen(
-                    self._command(node),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=self._node_environment(node),
-                    start_new_session=True,  # its own process group: stop() kills exactly it
-                )
-            self._procs.append(proc)
-            self._wait_started(proc, log, timeout_s)
+            for attempt in range(attempts):
+                log = self.temp_dir / f"node{node}-{attempt}.log"
+                proc = self._launch(node, log)
+                if self._started(proc, log, timeout_s):
+                    self._procs.append(proc)
+                    break
+                _kill_group(proc)
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"ray start failed:\n{log.read_text()[-4000:]}")
+
+    def _launch(self, node: int, log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen(
+                self._command(node),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._node_environment(node),
+                start_new_session=True,  # its own process group: stop() kills exactly it
+            )
 
     @staticmethod
-    def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    def _started(proc: subprocess.Popen, log: Path, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while _STARTED not in log.read_text():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start failed:\n{log.read_text()[-4000:]}")
+                return False
             time.sleep(0.5)
+        return True
 
     def processes(self, node: int, name: str) -> list[int]:
         """Pids of node ``node``'s processes whose name contains ``name`` (``RayWorkerProc``)."""
