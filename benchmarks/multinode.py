@@ -34,8 +34,8 @@ from docsections import machine_name, replace_section
 from throughput import Measurement, test_prompts, timed_generate
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
-from vllm_twotower.params import MODES
 from vllm_twotower.multinode.loopback import serving_cluster
+from vllm_twotower.params import MODES
 
 MULTINODE = Path(__file__).resolve().parent.parent / "docs" / "multinode.md"
 ONE, MP, RAY = "one process", "TP=2 mp", "TP=2 Ray (2 nodes)"
@@ -98,17 +98,24 @@ def table(startups: dict[str, float], rows: list[Measurement], cluster_s: float)
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    # (full run, --smoke): test prompts, wave size, output tokens per request
+    sizes = {"--num-prompts": (32, 2), "--batch": (8, 2), "--max-tokens": (32, 8)}
+    for flag, (default, _) in sizes.items():
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--smoke", action="store_true", help="tiny run, print only")
     parser.add_argument("--no-write", action="store_true", help="do not update the doc")
     args = parser.parse_args()
     if args.smoke:
-        args.num_prompts, args.batch, args.max_tokens = 2, 2, 8
+        for flag, (_, smoke) in sizes.items():
+            setattr(args, flag.removeprefix("--").replace("-", "_"), smoke)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     prompts = test_prompts(args.num_prompts, args.checkpoint)
     cores = sorted(os.sched_getaffinity(0))
