@@ -1,11 +1,13 @@
-"""TP=2 over two Ray nodes (slow): server and ``LLM`` against the single-process engine, and
-a killed worker.
+"""Serving over two Ray nodes (slow): server (TP=2, DP=2) and ``LLM`` (TP=2) against the
+single-process engine, and a killed worker.
 
 One two-node loopback cluster (see ``ray_cluster.py``) serves the embedded checkpoint, one
 engine at a time (each takes both nodes' resource units):
 
 1. ``python -m vllm.entrypoints.openai.api_server --distributed-executor-backend ray
-   --tensor-parallel-size 2`` answers every mode, token for token as one process does;
+   --tensor-parallel-size 2`` answers every mode, token for token as one process does, and so
+   does data parallelism over Ray (``--data-parallel-backend ray --data-parallel-size 2``, one
+   engine per node);
 2. ``LLM(distributed_executor_backend="ray", tensor_parallel_size=2)`` runs ``test_parity``'s
    mixed batch (all modes, sampled and greedy, long prefills) token for token as one process
    does, with one worker on each node;
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,21 +68,34 @@ def cluster(single_process: dict[str, list]) -> Iterator[LoopbackCluster]:
         yield started
 
 
+#: Server flags per Ray layout: TP=2 (one worker per node); DP=2 (one engine per node; vLLM
+#: puts every DP rank on the master node unless --data-parallel-size-local says otherwise).
+RAY_LAYOUTS = {
+    "tp2": ["--distributed-executor-backend", "ray", "--tensor-parallel-size", "2"],
+    "dp2": ["--data-parallel-backend", "ray", "--data-parallel-size", "2",
+            "--data-parallel-size-local", "1"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(RAY_LAYOUTS, reverse=True))
 def test_server_over_ray_matches_single_process(
-    cluster: LoopbackCluster, single_process: dict[str, list], tmp_path: Path
+    cluster: LoopbackCluster, single_process: dict[str, list], tmp_path: Path, layout: str
 ) -> None:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(DEFAULT_CHECKPOINT), "--host", "127.0.0.1", "--port", str(free_port()),
-        *ENGINE_FLAGS, "--distributed-executor-backend", "ray", "--tensor-parallel-size", "2",
+        *ENGINE_FLAGS, *RAY_LAYOUTS[layout],
     ]  # fmt: skip
-    with running_server(cmd, tmp_path / "server.log", dict(os.environ)) as base:
-        got = []
-        for mode in MODES:  # PROMPT, greedy, 20 tokens: SERVER_CASES
-            response = complete(base, vllm_xargs={"mode": mode}, return_token_ids=True)
-            assert response.status_code == 200, response.text
-            got.append([response.json()["choices"][0]["token_ids"]])
-    assert got == single_process["server"]
+    server = running_server(cmd, tmp_path / "server.log", dict(os.environ))
+    # Every mode twice, all at once (with DP=2 the requests spread over both engines).
+    with server as base, ThreadPoolExecutor(2 * len(MODES)) as pool:
+        responses = list(pool.map(
+            lambda mode: complete(base, vllm_xargs={"mode": mode}, return_token_ids=True),
+            [*MODES, *MODES],
+        ))  # fmt: skip
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    got = [[r.json()["choices"][0]["token_ids"]] for r in responses]
+    assert got == single_process["server"] * 2  # PROMPT, greedy, 20 tokens: SERVER_CASES
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,6 @@ def platform_plugin() -> str | None:
     would have picked its CPU platform.  When it answers, it also makes Ray report the custom
     resource's unit ids where vLLM's Ray worker looks for accelerator ids.
     """
-    from vllm.platforms import cpu_platform_plugin
-
     try:
         resource = requested_resource()
     except ValueError as error:
@@ -51,6 +49,8 @@ def platform_plugin() -> str | None:
         return None
     if resource is None:
         return None
+    from vllm.platforms import cpu_platform_plugin
+
     if cpu_platform_plugin() is None:
         logger.warning("%s is set but vLLM is not a CPU build; ignoring it", RESOURCE_ENV)
         return None
