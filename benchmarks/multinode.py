@@ -13,7 +13,9 @@ whole machine), and serves each the same test-split prompts in waves of ``--batc
   :mod:`vllm_twotower.multinode.loopback`: one worker per Ray node, gloo all-reduce over TCP,
   the second worker's inputs and outputs over vLLM's TCP message queue.
 
-Reported: engine start-up time (the ``LLM`` constructor; the cluster's own start separately),
+Each engine first serves one untimed wave per mode (a Ray engine's first ``generate`` took
+~11 s more than the next one here).  Reported: engine start-up time (the ``LLM`` constructor;
+the cluster's own start separately),
 output tokens/s per mode, and the ratios TP=2 Ray / TP=2 mp and TP=2 Ray / one process, from
 this one run.  Both nodes are on this host, so the Ray column measures the Ray executor and the
 cross-node transports on loopback, not a network.
@@ -68,6 +70,9 @@ def measure(label: str, engine_kwargs: dict, prompts: list, args: argparse.Names
     inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     rows = {mode: Measurement(label, mode, args.batch) for mode in MODES}
     try:
+        for mode in MODES:  # warm-up, untimed: a Ray engine's first steps take seconds more
+            warm = SamplingParams(max_tokens=args.max_tokens, extra_args={"mode": mode})
+            llm.generate(inputs[: args.batch], warm, use_tqdm=False)
         for w in range(max(1, len(inputs) // args.batch)):
             wave = inputs[w * args.batch : (w + 1) * args.batch]
             for mode, row in rows.items():
@@ -120,6 +125,7 @@ def main() -> None:
     prompts = test_prompts(args.num_prompts, args.checkpoint)
     cores = sorted(os.sched_getaffinity(0))
     startups, rows = {}, []
+    load = [os.getloadavg()[0]]  # other work on the machine skews every row; say how much
     with environment({"VLLM_CPU_OMP_THREADS_BIND": "auto"}):
         startups[ONE], got = measure(ONE, {}, prompts, args)
     rows += got
@@ -139,11 +145,13 @@ def main() -> None:
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
+    load.append(os.getloadavg()[0])
     text = "\n".join([
         table(startups, rows, cluster_s),
         "",
         f"Measured on: {machine_name()}; {args.num_prompts} test prompts in waves of "
-        f"{args.batch}, greedy, `max_tokens` {args.max_tokens}; both Ray nodes on this host.",
+        f"{args.batch}, greedy, `max_tokens` {args.max_tokens}; both Ray nodes on this host; "
+        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
     ])  # fmt: skip
     print(text)
     if not (args.smoke or args.no_write):
