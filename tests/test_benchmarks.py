@@ -21,10 +21,16 @@ SMOKE_RUNS = {
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
     "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
+    # three engines, one over a two-node Ray cluster on loopback: slow suite only
+    "multinode": ["benchmarks/multinode.py", "--smoke"],  # prints only
 }
+SLOW = {"multinode"}
 
 
-@pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(SMOKE_RUNS)],
+)
 def test_benchmark_smoke(name: str) -> None:
     result = subprocess.run(
         [sys.executable, *SMOKE_RUNS[name]],

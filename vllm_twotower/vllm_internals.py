@@ -693,3 +693,70 @@ def set_cpu_shm_identifier(distributed_init_method: str) -> None:
     the variable the same way.
     """
     os.environ["VLLM_DIST_IDENT"] = distributed_init_method.rsplit(":", 1)[-1]
+
+
+# --- Ray on CPU (issue #19)
+
+
+@depends_on(
+    "vllm.v1.executor.ray_executor_v2:RayWorkerProc.get_node_and_physical_gpu_ids",
+    "vllm.v1.executor.ray_utils:RayWorkerWrapper.get_node_and_physical_gpu_ids",
+)
+def report_resource_as_accelerator(resource: str) -> None:
+    """Make Ray list a custom resource's unit ids among the worker's accelerator ids.
+
+    vLLM's Ray workers (``RayWorkerProc.get_node_and_physical_gpu_ids`` in
+    ``vllm/v1/executor/ray_executor_v2.py``, ``RayWorkerWrapper`` in ``ray_utils.py``) read
+    ``ray.get_runtime_context().get_accelerator_ids()[current_platform.ray_device_key]``; Ray
+    lists only its built-in accelerators there, so a custom resource as the device key is a
+    ``KeyError``.  This wraps Ray's ``RuntimeContext.get_accelerator_ids`` (in this process
+    only) to add ``resource`` with the ids Ray assigned to this worker, computed the way Ray
+    computes a GPU's (``Worker.get_accelerator_ids_for_accelerator_resource``, Ray numbers a
+    custom resource's units from 0).  Idempotent; a no-op where Ray is not installed.
+    """
+    try:
+        from ray.runtime_context import RuntimeContext
+    except ImportError:
+        return
+    original = RuntimeContext.get_accelerator_ids
+    if resource in getattr(original, "twotower_resources", ()):
+        return
+
+    def get_accelerator_ids(self: RuntimeContext) -> dict[str, list[str]]:
+        ids = original(self)
+        if resource not in ids:
+            assigned = self.worker.get_accelerator_ids_for_accelerator_resource(
+                resource, f"^{resource}_group_[0-9A-Za-z]+$"
+            )
+            ids[resource] = sorted(str(i) for i in assigned)
+        return ids
+
+    get_accelerator_ids.twotower_resources = (  # type: ignore[attr-defined]
+        *getattr(original, "twotower_resources", ()),
+        resource,
+    )
+    RuntimeContext.get_accelerator_ids = get_accelerator_ids  # type: ignore[method-assign]
+
+
+@depends_on(
+    "vllm.distributed.device_communicators.cpu_communicator:"
+    "CpuCommunicator._all_group_ranks_share_shm_group_name"
+)
+def cpu_communicator_with_shm_condition(condition: Callable[[Any], bool]) -> type:
+    """vLLM's ``CpuCommunicator``, using shared memory only where ``condition(self)`` holds.
+
+    ``CpuCommunicator.__init__`` (``vllm/distributed/device_communicators/
+    cpu_communicator.py``) uses its shared-memory collectives for a TP/PP group when
+    ``_all_group_ranks_share_shm_group_name()`` agrees across the group's ranks; otherwise it
+    uses torch.distributed (gloo).  That check is the one place to add a condition: it runs on
+    every rank, collectively, before any shared memory is created.  ``condition`` must itself
+    be collective (same answer on every rank of the group).
+    """
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    class ConditionalShmCpuCommunicator(CpuCommunicator):
+        def _all_group_ranks_share_shm_group_name(self) -> bool:
+            same_name = super()._all_group_ranks_share_shm_group_name()
+            return condition(self) and same_name
+
+    return ConditionalShmCpuCommunicator

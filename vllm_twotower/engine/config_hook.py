@@ -11,7 +11,7 @@ other model served from the same environment untouched.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
@@ -57,6 +57,17 @@ def read_diffusion_defaults(model: str) -> DiffusionDefaults:
     return TwoTowerConfig.from_pretrained(model).diffusion
 
 
+#: Why ``--pipeline-parallel-size`` > 1 is refused (vLLM would refuse it too, for want of
+#: ``SupportsPP``, in words that do not say why).
+PIPELINE_PARALLEL_ERROR = (
+    "TwoTower does not support pipeline parallelism (--pipeline-parallel-size {size}): every "
+    "engine step runs the denoiser's iterative passes (up to steps_per_block per block) over "
+    "all layers, each layer reading the context tower's KV cache / Mamba state of the same "
+    "layer index, while vLLM's pipeline parallelism hands activations between stages once per "
+    "step. Split the model across nodes with --tensor-parallel-size instead."
+)
+
+
 #: ``--hf-overrides`` key with which a server opts in to blocks larger than the trained one.
 MAX_BLOCK_SIZE_KEY = "max_block_size"
 
@@ -91,6 +102,17 @@ def block_size_reason(hf_config: object, bound: int) -> str:
     )
 
 
+def server_defaults(model_config: Any) -> ServerDefaults:
+    """The defaults and limits every request is resolved against, in admission and in the
+    runner alike (so a request admitted in the API process can never fail in a worker)."""
+    hf_config = model_config.hf_config
+    trained = read_diffusion_defaults(model_config.model)
+    bound = max_block_size(hf_config, trained.block_size)
+    return ServerDefaults.from_hf_config(
+        trained, bound, hf_config, block_size_reason=block_size_reason(hf_config, bound)
+    )
+
+
 def refuse_unsupported_generation_defaults(defaults: dict[str, object]) -> None:
     """Refuse server-wide sampling defaults the engine would not apply.
 
@@ -117,6 +139,8 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
         super().verify_and_update_config(vllm_config)
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError(PIPELINE_PARALLEL_ERROR.format(size=parallel.pipeline_parallel_size))
         if parallel.worker_cls == "auto":
             parallel.worker_cls = worker_cls_name()
         # The runner decision is made here, once, for every process of the engine.
@@ -140,11 +164,6 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
                 "engine: it reports raw_logprobs (the untempered log-probability each token was "
                 "committed with; docs/engine-design.md §5)"
             )
-        hf_config = model_config.hf_config
-        trained = read_diffusion_defaults(model_config.model)
-        bound = max_block_size(hf_config, trained.block_size)
-        defaults = ServerDefaults.from_hf_config(
-            trained, bound, hf_config, block_size_reason=block_size_reason(hf_config, bound)
-        )
+        defaults = server_defaults(model_config)
         set_admission_defaults(defaults)
         logger.info("TwoTower engine defaults: %s", defaults)

@@ -31,10 +31,9 @@ from vllm.logger import init_logger
 
 from vllm_twotower import vllm_internals as vi
 from vllm_twotower.commit import commit_step, noise_row_keys, predict
-from vllm_twotower.engine.config_hook import max_block_size, read_diffusion_defaults
+from vllm_twotower.engine.config_hook import server_defaults
 from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.logprobs import StepLogprobs
-from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
 
 # Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
@@ -49,9 +48,7 @@ class TwoTowerRunnerMixin:
 
     def _twotower_init(self) -> None:
         hf_config = self.model_config.hf_config
-        defaults = ServerDefaults.from_hf_config(
-            read_diffusion_defaults(self.model_config.model), max_block_size(hf_config), hf_config
-        )
+        defaults = server_defaults(self.model_config)
         self.tt_requests = RequestTable(
             defaults, capacity=self.max_num_reqs, seed=self.model_config.seed
         )

@@ -1,0 +1,48 @@
+"""The Ray CPU platform plugin answers only when asked, and PP is refused with a reason.
+
+Fast, in-process checks; the cluster tests are ``tests/engine/test_ray_*.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
+from vllm_twotower.multinode import RESOURCE_ENV
+from vllm_twotower.multinode.plugin import platform_plugin
+
+
+def test_plugin_is_inactive_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RESOURCE_ENV, raising=False)
+    assert platform_plugin() is None
+
+
+def test_plugin_refuses_ray_builtin_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RESOURCE_ENV, "CPU")
+    assert platform_plugin() is None
+
+
+def test_plugin_answers_with_a_cpu_platform_keyed_on_the_resource(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ray.runtime_context import RuntimeContext
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    # The plugin wraps Ray's get_accelerator_ids in this process; put it back afterwards.
+    monkeypatch.setattr(RuntimeContext, "get_accelerator_ids", RuntimeContext.get_accelerator_ids)
+    monkeypatch.setenv(RESOURCE_ENV, "twotower_cpu")
+    qualname = platform_plugin()
+    assert qualname is not None
+    assert platform_plugin() == qualname  # vLLM calls it twice; the second call changes nothing
+    platform = resolve_obj_by_qualname(qualname)
+    assert issubclass(platform, CpuPlatform) and platform.ray_device_key == "twotower_cpu"
+    assert platform.get_device_communicator_cls().endswith("NodeLocalShmCommunicator")
+
+
+def test_pipeline_parallel_is_refused_with_the_reason() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(DEFAULT_CHECKPOINT), pipeline_parallel_size=2, dtype="float32")
+    with pytest.raises(ValueError, match=r"does not support pipeline parallelism.*same layer"):
+        args.create_engine_config()
