@@ -96,7 +96,11 @@ def complete(base: str, **body: object) -> requests.Response:
                "temperature": 0.0, **body}  # fmt: skip
     if payload["model"] is None:
         payload["model"] = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-    return requests.post(f"{base}/v1/completions", json=payload, timeout=300)
+    # json.dumps, not requests' json=: a hostile client may send the JSON extensions NaN and
+    # Infinity, which Python's JSON parser (and so the server's) accepts.
+    body = json.dumps(payload)
+    headers = {"Content-Type": "application/json"}
+    return requests.post(f"{base}/v1/completions", data=body, headers=headers, timeout=300)
 
 
 def reference(tiny_checkpoint: Path, mode: str) -> list[int]:
@@ -145,6 +149,37 @@ def test_bad_request_is_400_while_good_ones_complete(server: str) -> None:
     assert "block_size" in bad.text
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert all(r.json()["choices"][0]["text"] for r in responses)
+
+
+#: Requests that passed admission before issue #17 and then killed the EngineCore (the worker
+#: overflowed storing them), so every later request got HTTP 500 until a restart.
+ENGINE_KILLERS = [
+    {"mode": "mask_diffusion", "steps_per_block": 1e30},
+    {"mode": "ar", "steps_per_block": 2**63},
+    {"mode": "mock_ar", "steps_per_block": 2**64 - 1},
+    {"mode": "ar", "steps_per_block": float("inf")},  # sent as the JSON extension Infinity
+]
+
+
+def test_engine_killers_are_400_and_the_engine_keeps_serving(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    good = [{"vllm_xargs": {"mode": m}, "return_token_ids": True} for m in ("ar", "mock_ar")]
+    bodies = [*good, *({"vllm_xargs": x} for x in ENGINE_KILLERS)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: complete(server, **b), bodies))
+    for xargs, bad in zip(ENGINE_KILLERS, responses[len(good) :], strict=True):
+        assert bad.status_code == 400, (xargs, bad.text)
+        assert "steps_per_block" in bad.json()["error"]["message"], bad.text
+    for body, response in zip(good, responses[: len(good)], strict=True):
+        assert response.status_code == 200, response.text
+        mode = body["vllm_xargs"]["mode"]
+        assert response.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, mode)
+    # The engine is alive afterwards, for everyone.
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+    after = complete(server, vllm_xargs={"mode": "mask_diffusion"}, return_token_ids=True)
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, "mask_diffusion")
 
 
 def test_stop_string_cuts_inside_a_block(server: str) -> None:
