@@ -153,3 +153,26 @@ def test_whatever_admission_accepts_the_worker_stores(
     assert int(table.block_size[slot]) == expected.block_size
     assert int(table.steps_per_block[slot]) == expected.steps_per_block
     assert float(table.threshold[slot]) == pytest.approx(expected.confidence_threshold)
+
+
+def test_totals_add_up_per_mode() -> None:
+    """The totals are the sum of the per-mode counters, finished and live requests alike, and
+    steps per block counts mask_diffusion's passes only (mock_ar's passes have no block)."""
+    table = RequestTable(defaults(), capacity=4)
+    md, mock, _ = table.slots(
+        ["md", "mock", "ar"],
+        [SamplingParams(), SamplingParams(extra_args={"mode": "mock_ar"}),
+         SamplingParams(extra_args={"mode": "ar"})],
+    )  # fmt: skip
+    table.nfe[md], table.blocks[md], table.decided[md] = 6, 2, 32
+    table.nfe[mock], table.decided[mock] = 40, 40
+    table.remove("md")
+    aggregate = table.stats()["aggregate"]
+    modes = aggregate["modes"]
+    assert modes["mask_diffusion"]["nfe"] == 6 and modes["mock_ar"]["nfe"] == 40
+    assert modes["ar"] == {"mode": "ar", "nfe": 0, "blocks": 0, "denoised_tokens": 0,
+                           "tokens_per_nfe": 0.0}  # fmt: skip
+    for key in ("nfe", "blocks", "denoised_tokens"):
+        assert aggregate[key] == sum(m[key] for m in modes.values())
+    assert aggregate["steps_per_block"] == 3.0  # 6 passes / 2 blocks, not (6 + 40) / 2
+    assert aggregate["tokens_per_nfe"] == (32 + 40) / (6 + 40)

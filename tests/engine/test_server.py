@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.reference.generate import SamplingSpec, generate
@@ -220,3 +221,45 @@ def test_stats_endpoint_and_metrics(server: str, tiny_checkpoint: Path) -> None:
     passes = re.search(r"^vllm:twotower_denoiser_passes_total\{.*\} (\S+)$", metrics, re.M)
     assert passes is not None and float(passes.group(1)) == aggregate["nfe"]
     assert "vllm:twotower_tokens_per_denoiser_pass{" in metrics
+
+
+def completion_tokens(server: str, body: dict) -> tuple[str, int]:
+    """``(response id, completion tokens)`` of one request, streamed or not."""
+    response = complete(server, **body)
+    assert response.status_code == 200, response.text
+    if not body.get("stream"):
+        return response.json()["id"], response.json()["usage"]["completion_tokens"]
+    chunks = [json.loads(line[6:]) for line in response.iter_lines()
+              if line.startswith(b"data: ") and line != b"data: [DONE]"]  # fmt: skip
+    return chunks[0]["id"], chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_stats_add_up_in_every_mode_and_block_size(server: str) -> None:
+    """Per-request counters agree with the tokens returned, in every mode and for small
+    custom block sizes, streamed or not; the totals grow by exactly the requests' sum."""
+    stats_url = f"{server}/v1/twotower/stats"
+    before = requests.get(stats_url, timeout=30).json()["aggregate"]
+    bodies = [
+        {"vllm_xargs": {"mode": m, "block_size": b, "steps_per_block": 3}, "max_tokens": 21,
+         "temperature": 0.9, "seed": b, "stream": stream,
+         **({"stream_options": {"include_usage": True}} if stream else {})}
+        for m in ("mask_diffusion", "mock_ar", "ar")
+        for b, stream in ((1, True), (3, False), (16, True))
+    ]  # fmt: skip
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: completion_tokens(server, b), bodies))
+    entries = []
+    for body, (response_id, tokens) in zip(bodies, results, strict=True):
+        got = requests.get(stats_url, params={"request_id": response_id}, timeout=30).json()
+        (entry,) = got["requests"].values()
+        xargs = body["vllm_xargs"]
+        assert entry["mode"] == xargs["mode"]
+        problems = stats_mismatches(
+            entry, tokens=tokens, block_size=xargs["block_size"], steps_per_block=3
+        )
+        assert not problems, (body, problems)
+        entries.append(entry)
+    after = requests.get(stats_url, timeout=30).json()["aggregate"]
+    for key in ("nfe", "blocks", "denoised_tokens"):
+        assert after[key] - before[key] == sum(e[key] for e in entries), key
+        assert after[key] == sum(m[key] for m in after["modes"].values()), key

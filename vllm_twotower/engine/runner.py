@@ -201,6 +201,7 @@ class TwoTowerRunnerMixin:
         logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
         table = self.tt_requests
         table.nfe[slots] += 1
+        table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
             logits,
