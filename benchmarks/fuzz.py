@@ -81,6 +81,7 @@ def main() -> int:
     report = fuzzer.report
     print(json.dumps({
         "hostile_requests": report.sent, "refused_4xx": report.refused,
+        "known_vllm_frontend_5xx": report.known_vllm_5xx,
         "statuses": dict(sorted(report.statuses.items())), "rounds": round_,
         "good_requests": good.sent, "failures": failures,
     }, indent=2))  # fmt: skip

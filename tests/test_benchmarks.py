@@ -24,10 +24,27 @@ SMOKE_RUNS = {
 }
 
 
+#: The reliability scripts (docs/reliability.md) start a server each; slow suite.
+SLOW_SMOKE_RUNS = {
+    "soak": ["benchmarks/soak.py", "--smoke"],  # 4 streaming clients for 20 s
+    "fuzz": ["benchmarks/fuzz.py", "--smoke"],  # 3 hostile batches while good requests run
+}
+
+
 @pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
 def test_benchmark_smoke(name: str) -> None:
+    run_smoke(SMOKE_RUNS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_SMOKE_RUNS))
+def test_reliability_script_smoke(name: str) -> None:
+    run_smoke(SLOW_SMOKE_RUNS[name])
+
+
+def run_smoke(argv: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, *SMOKE_RUNS[name]],
+        [sys.executable, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
