@@ -19,7 +19,6 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -27,7 +26,12 @@ import pytest
 import requests
 
 from tests.engine.test_parity import Case, prompt_ids, reference_outputs
-from tests.engine.test_server import ENGINE_FLAGS, free_port, running_server
+from tests.engine.test_server import (
+    ENGINE_FLAGS,
+    assert_concurrent_outputs_exact,
+    free_port,
+    running_server,
+)
 from vllm_twotower.reference import TwoTowerModel
 
 pytestmark = pytest.mark.slow
@@ -166,23 +170,13 @@ def test_64_concurrent_requests_under_preemption_are_exact(
     pressured_server: str, tiny_checkpoint: Path
 ) -> None:
     base = pressured_server
-    model = model_id(base)
     modes = [{"mode": "mask_diffusion"}, {"mode": "ar"}, {"mode": "mock_ar"},
              {"mode": "mask_diffusion", "block_size": 4, "steps_per_block": 2}]  # fmt: skip
     # Shared prefixes, so prefix caching has something to share.
     base_prompt = prompt_ids(120, 64)
     prompts = [[*base_prompt[: 60 + i], *prompt_ids(10, i)[1:]] for i in range(64)]
     cases = [Case(len(p), modes[i % 4], max_tokens=48) for i, p in enumerate(prompts)]
-    expected = reference_outputs(TwoTowerModel.from_pretrained(tiny_checkpoint), prompts, cases)
     before = metric(base, "vllm:num_preemptions_total")
-    with ThreadPoolExecutor(64) as pool:
-        responses = list(pool.map(
-            lambda pc: requests.post(f"{base}/v1/completions",
-                                     json=body(model, pc[0], pc[1].extra_args, pc[1].max_tokens),
-                                     timeout=HUNG_S),
-            zip(prompts, cases, strict=True),
-        ))  # fmt: skip
-    for case, exp, response in zip(cases, expected, responses, strict=True):
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["token_ids"] == exp, case
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    assert_concurrent_outputs_exact(base, model, prompts, cases)
     assert metric(base, "vllm:num_preemptions_total") > before, "no preemption happened"

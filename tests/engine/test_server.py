@@ -197,11 +197,18 @@ def test_prompts_longer_than_a_cache_block_are_served_exactly(
     cases += [Case(300, {"mode": "mock_ar"}, max_tokens=20),
               Case(700, {"block_size": 4, **gamma}, max_tokens=20)]  # fmt: skip
     prompts = [prompt_ids(c.prompt_len, 700 + i) for i, c in enumerate(cases)]
+    assert_concurrent_outputs_exact(server, model, prompts, cases)
+
+
+def assert_concurrent_outputs_exact(
+    base: str, model: TwoTowerModel, prompts: list[list[int]], cases: list[Case]
+) -> None:
+    """Send every case at once (greedy); each output must equal the reference's."""
     expected = reference_outputs(model, prompts, cases)
     with ThreadPoolExecutor(len(cases)) as pool:
         responses = list(pool.map(
-            lambda pc: complete(server, prompt=pc[0], vllm_xargs=pc[1].extra_args,
-                                return_token_ids=True),
+            lambda pc: complete(base, prompt=pc[0], vllm_xargs=pc[1].extra_args,
+                                max_tokens=pc[1].max_tokens, return_token_ids=True),
             zip(prompts, cases, strict=True),
         ))  # fmt: skip
     for case, exp, response in zip(cases, expected, responses, strict=True):
