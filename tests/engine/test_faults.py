@@ -1,10 +1,10 @@
 """Faults while serving (slow suite): a killed engine process, client disconnects, and KV-cache
 pressure with 64 concurrent requests through the server.
 
-* EngineCore killed mid-generation (it is the worker process on a single-device CPU engine):
-  the streaming client gets an error or a closed stream instead of hanging, the API server
-  reports the dead engine and exits (vLLM's watchdog), and the same command, restarted as a
-  supervisor would, serves outputs equal to the reference again.
+* The worker or the EngineCore process killed mid-generation: the streaming client gets an
+  error or a closed stream instead of hanging, the API server reports the dead engine and
+  exits (vLLM's watchdog), and the same command, restarted as a supervisor would, serves
+  outputs equal to the reference again.
 * A client that disconnects mid-stream has its request aborted: the engine frees its cache and
   keeps serving.
 * 64 concurrent requests through a server with a tiny KV cache, prefix caching on and off:
@@ -47,14 +47,14 @@ def server_cmd(checkpoint: Path, port: int, *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
-def engine_core(api_server_port: str) -> psutil.Process:
-    """The EngineCore process under the API server listening on ``api_server_port``."""
+def engine_process(api_server_port: str, title: str) -> psutil.Process:
+    """The process titled ``VLLM::<title>`` under the API server on ``api_server_port``."""
     for proc in psutil.process_iter(["cmdline"]):
         if f"--port {api_server_port}" in " ".join(proc.info["cmdline"] or []):
             for child in proc.children(recursive=True):
-                if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                if f"VLLM::{title}" in " ".join(child.cmdline()):
                     return child
-    raise AssertionError("no EngineCore process found")
+    raise AssertionError(f"no VLLM::{title} process found")
 
 
 def body(model: str, prompt: list[int], xargs: dict, max_tokens: int, **extra: object) -> dict:
@@ -78,7 +78,12 @@ def metric(base: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{.*\}} (\S+)$", text, re.M))
 
 
-def test_engine_killed_mid_generation(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["Worker", "EngineCore"])
+def test_engine_process_killed_mid_generation(
+    tiny_checkpoint: Path, tmp_path: Path, victim: str
+) -> None:
+    """vLLM 0.32 on CPU runs the model in a ``VLLM::Worker`` process under the
+    ``VLLM::EngineCore`` (scheduler) process; either may die."""
     port = str(free_port())
     cmd = server_cmd(tiny_checkpoint, int(port))
     prompt = prompt_ids(20, 1)
@@ -94,8 +99,7 @@ def test_engine_killed_mid_generation(tiny_checkpoint: Path, tmp_path: Path) -> 
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith(b"data: "))
         assert b"choices" in first  # it is generating
-        engine = engine_core(port)
-        engine.kill()
+        engine_process(port, victim).kill()
         # The client is told, by an error event or a cut connection, rather than left waiting.
         try:
             rest = [line[6:] for line in lines if line.startswith(b"data: {")]
