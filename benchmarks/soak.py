@@ -179,13 +179,20 @@ def check_stats(base: str, results: list[Result]) -> tuple[int, list[str]]:
     got = requests.get(f"{base}/v1/twotower/stats", timeout=120)
     if got.status_code != 200:
         return 0, [f"stats endpoint: HTTP {got.status_code}"]
-    entries = got.json()["requests"]
+    # Index the internal ids by every dash-separated prefix (a response id is one of them), so
+    # that matching is not requests x entries.
+    by_prefix: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    for internal_id, entry in got.json()["requests"].items():
+        parts = internal_id.split("-")
+        for i in range(1, len(parts) + 1):
+            by_prefix["-".join(parts[:i])].append((internal_id, entry))
     by_mix = {name: (xargs, extra) for name, xargs, extra in MIXES}
     checked, problems = 0, []
     for result in results:
         if not result.ok:
             continue
-        matched = [e for r, e in entries.items() if matches_request_id(r, result.response_id)]
+        candidates = by_prefix.get(result.response_id, [])
+        matched = [e for r, e in candidates if matches_request_id(r, result.response_id)]
         if len(matched) != 1:  # the oldest may have left the table (FINISHED_KEPT)
             continue
         xargs, _ = by_mix[result.mix]
