@@ -21,19 +21,33 @@ SMOKE_RUNS = {
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
     "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
-    # three engines, one over a two-node Ray cluster on loopback: slow suite only
-    "multinode": ["benchmarks/multinode.py", "--smoke"],  # prints only
 }
-SLOW = {"multinode"}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in sorted(SMOKE_RUNS)],
-)
+#: Scripts that start servers, engines or a Ray cluster each; slow suite.
+SLOW_SMOKE_RUNS = {
+    "soak": ["benchmarks/soak.py", "--smoke"],  # 4 streaming clients for 20 s
+    "fuzz": ["benchmarks/fuzz.py", "--smoke"],  # 3 hostile batches while good requests run
+    # three engines, one over a two-node Ray cluster on loopback
+    "multinode": ["benchmarks/multinode.py", "--smoke"],  # prints only
+    "lm_eval_tasks": ["benchmarks/lm_eval_tasks.py", "--smoke"],  # one server, lm-eval
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE_RUNS))
 def test_benchmark_smoke(name: str) -> None:
+    run_smoke(SMOKE_RUNS[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_SMOKE_RUNS))
+def test_slow_benchmark_smoke(name: str) -> None:
+    run_smoke(SLOW_SMOKE_RUNS[name])
+
+
+def run_smoke(argv: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, *SMOKE_RUNS[name]],
+        [sys.executable, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from vllm_twotower.config import DiffusionDefaults
-from vllm_twotower.params import MASK_DIFFUSION, MOCK_AR, TwoTowerParams, resolve_params
+from vllm_twotower.params import (
+    MASK_DIFFUSION,
+    MAX_STEPS_PER_BLOCK_FACTOR,
+    MOCK_AR,
+    TwoTowerParams,
+    max_steps_per_block,
+    resolve_params,
+)
 
 DEFAULTS = DiffusionDefaults(block_size=16, steps_per_block=16, confidence_threshold=0.8)
 
@@ -29,8 +36,47 @@ def test_defaults_fill_in() -> None:
         ({"steps_per_block": True}, "steps_per_block"),
         ({"block_size": 32}, "block_size"),
         ({"block_size": "16"}, "block_size"),
+        # Upper bounds, whatever the mode (issue #17: these passed admission and then
+        # overflowed the worker's int64 tables, killing the engine).
+        ({"mode": "mask_diffusion", "steps_per_block": 1e30}, "steps_per_block"),
+        ({"mode": "ar", "steps_per_block": 2**63}, "steps_per_block"),
+        ({"mode": "mock_ar", "steps_per_block": 2**64 - 1}, "steps_per_block"),
+        ({"mode": "ar", "steps_per_block": 65}, "steps_per_block"),
+        ({"mode": "ar", "block_size": 17}, "block_size"),
+        ({"block_size": -(2**63)}, "block_size"),
+        ({"steps_per_block": float("inf")}, "steps_per_block"),
+        ({"steps_per_block": float("nan")}, "steps_per_block"),
+        ({"confidence_threshold": float("inf")}, "confidence_threshold"),
+        ({"confidence_threshold": 10**400}, "confidence_threshold"),
+        ({"mode": ["ar"]}, "mode"),
+        # The plugin's namespace: reserved prefix and near misses of its keys.
+        ({"twotower_mode": "ar"}, "twotower_mode"),
+        ({"TwoTower.block": 4}, "TwoTower.block"),
+        ({"steps_per_blocks": 4}, "steps_per_block"),
+        ({"blockSize": 4}, "block_size"),
+        ({"confidence-threshold": 0.5}, "confidence_threshold"),
     ],
 )
 def test_invalid_values_name_the_field(args: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         resolve_params(args, DEFAULTS, 16)
+
+
+def test_bounds_are_inclusive_and_documented() -> None:
+    top = max_steps_per_block(16)
+    assert top == MAX_STEPS_PER_BLOCK_FACTOR * 16
+    got = resolve_params({"mode": "ar", "steps_per_block": top, "block_size": 16}, DEFAULTS, 16)
+    assert (got.steps_per_block, got.block_size) == (top, 16)
+    assert resolve_params({"confidence_threshold": 1}, DEFAULTS, 16).confidence_threshold == 1.0
+
+
+def test_other_owners_keys_are_left_alone() -> None:
+    """vLLM's own ``extra_args`` keys and other extensions' keys are not the plugin's."""
+    args = {"kv_transfer_params": {"x": 1}, "kv_cache_report_mode": "x", "my_processor": 3}
+    assert resolve_params(args, DEFAULTS, 16) == resolve_params(None, DEFAULTS, 16)
+
+
+def test_huge_values_are_cut_in_messages() -> None:
+    with pytest.raises(ValueError, match="steps_per_block") as error:
+        resolve_params({"steps_per_block": 10**400}, DEFAULTS, 16)
+    assert len(str(error.value)) < 120

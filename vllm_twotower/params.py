@@ -10,7 +10,9 @@ one raises a ``ValueError`` that names the field.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +21,24 @@ from vllm_twotower.config import DiffusionDefaults
 
 MASK_DIFFUSION, MOCK_AR, AR = "mask_diffusion", "mock_ar", "ar"
 MODES = (MASK_DIFFUSION, MOCK_AR, AR)
-#: The ``extra_args`` keys this plugin reads; other keys are left to whoever owns them.
+#: The ``extra_args`` keys this plugin reads.
 EXTRA_ARG_KEYS = ("mode", "confidence_threshold", "steps_per_block", "block_size")
+#: Keys starting with this prefix (any case) are reserved for the plugin: an unknown one is an
+#: error, not ignored.  Other keys belong to vLLM (``kv_transfer_params``, ...) or to other
+#: extensions and are left alone, unless they are a near miss of a plugin key (a typo such as
+#: ``steps_per_blocks`` or ``blockSize``), which is refused too: silently generating with the
+#: default instead of what the client meant is worse than an error.
+PLUGIN_KEY_PREFIX = "twotower"
+#: ``steps_per_block`` may be at most this times the model's (trained) block size.  Every
+#: denoising step decides at least one position, so a block never takes more passes than it has
+#: positions and any larger budget behaves like one of ``block_size``; the bound only keeps
+#: values in a range every consumer (int64 tensors, the kernels) holds.
+MAX_STEPS_PER_BLOCK_FACTOR = 4
+
+
+def max_steps_per_block(max_block_size: int) -> int:
+    """The largest ``steps_per_block`` a request may ask for (documented in README.md)."""
+    return MAX_STEPS_PER_BLOCK_FACTOR * max_block_size
 
 
 @dataclass(frozen=True)
@@ -37,14 +55,50 @@ class TwoTowerParams:
         return self.mode != AR
 
 
-def _int_field(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
+def _show(value: Any) -> str:
+    """``repr`` of a client value for an error message, cut short (values can be huge)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _int_field(name: str, value: Any, low: int, high: int) -> int:
+    """An integer (an integral float is accepted) in ``[low, high]``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+    ):
+        raise ValueError(f"{name} must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {_show(value)}")
+    return int(value)
+
+
+def _normalized(key: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+_NORMALIZED_KEYS = {_normalized(k): k for k in EXTRA_ARG_KEYS}
+
+
+def _check_keys(args: Mapping[Any, Any]) -> None:
+    """Refuse unknown keys in the plugin's namespace (see :data:`PLUGIN_KEY_PREFIX`)."""
+    for key in args:
+        if key in EXTRA_ARG_KEYS:
+            continue
+        if not isinstance(key, str):
+            raise ValueError(f"extra_args keys must be strings, got {_show(key)}")
+        norm = _normalized(key)
+        if norm.startswith(PLUGIN_KEY_PREFIX):
+            raise ValueError(
+                f"unknown TwoTower parameter {_show(key)}: the {PLUGIN_KEY_PREFIX!r} prefix is "
+                f"reserved; known parameters are {list(EXTRA_ARG_KEYS)}"
+            )
+        close = difflib.get_close_matches(norm, _NORMALIZED_KEYS, n=1, cutoff=0.85)
+        if close:
+            raise ValueError(
+                f"unknown parameter {_show(key)}: did you mean {_NORMALIZED_KEYS[close[0]]!r}?"
+            )
 
 
 def resolve_params(
@@ -52,30 +106,41 @@ def resolve_params(
 ) -> TwoTowerParams:
     """Validate a request's ``extra_args`` against the model and fill in the defaults.
 
+    Every field is checked with both bounds whatever the mode (a value the mode does not use
+    is still stored by the engine), so nothing admitted here can fail later in the worker.
+
     Raises:
         ValueError: naming the offending field, for an unknown mode, a threshold outside
-            (0, 1], a non-integer or non-positive step count, or a block size outside
-            [1, ``max_block_size``] (the block size the denoiser was trained with).
+            (0, 1] or not finite, a step count outside [1, :func:`max_steps_per_block`], a
+            block size outside [1, ``max_block_size``] (the block size the denoiser was
+            trained with), a non-integer count, or an unknown key in the plugin's namespace
+            (:func:`_check_keys`).
     """
     args = dict(extra_args or {})
+    _check_keys(args)
     mode = args.get("mode", MASK_DIFFUSION)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {_show(mode)}")
     threshold = args.get("confidence_threshold", defaults.confidence_threshold)
     if (
         isinstance(threshold, bool)
         or not isinstance(threshold, (int, float))
+        or not 0.0 < threshold <= 1.0  # before isfinite, which overflows on huge ints
         or not math.isfinite(threshold)
-        or not 0.0 < threshold <= 1.0
     ):
-        raise ValueError(f"confidence_threshold must be a number in (0, 1], got {threshold!r}")
+        raise ValueError(
+            f"confidence_threshold must be a finite number in (0, 1], got {_show(threshold)}"
+        )
     return TwoTowerParams(
         mode=mode,
         block_size=_int_field(
             "block_size", args.get("block_size", defaults.block_size), 1, max_block_size
         ),
         steps_per_block=_int_field(
-            "steps_per_block", args.get("steps_per_block", defaults.steps_per_block), 1
+            "steps_per_block",
+            args.get("steps_per_block", defaults.steps_per_block),
+            1,
+            max_steps_per_block(max_block_size),
         ),
         confidence_threshold=float(threshold),
     )

@@ -760,3 +760,38 @@ def cpu_communicator_with_shm_condition(condition: Callable[[Any], bool]) -> typ
             return condition(self) and same_name
 
     return ConditionalShmCpuCommunicator
+
+
+# --- reliability (issue #17)
+
+
+@depends_on(
+    "vllm.v1.kv_cache_interface:MambaSpec.num_prefill_checkpoint_blocks",
+    "vllm.v1.kv_cache_interface:MambaSpec.prefill_checkpoint_alignment",
+    "vllm.model_executor.layers.mamba.checkpoint:MambaPrefillCheckpointBuilder.build",
+)
+def without_mamba_prefill_checkpoints(specs: dict[str, Any]) -> dict[str, Any]:
+    """``specs`` (a runner's ``get_kv_cache_spec()``) with Mamba prefill checkpoints off.
+
+    vLLM 0.32's ``MambaMixer2.get_kv_cache_spec`` (``mamba_mixer2.py``) asks for one prefill
+    checkpoint block per request, so that in ``mamba_cache_mode="align"`` (prefix caching) a
+    prefill chunk spanning several cache blocks exports the state at a block boundary from
+    inside the chunk scan (``return_intermediate_states``).  The CPU scan
+    (``ops/cpu/mamba_ssm.py: _mamba_chunk_scan_combined_fwd_cpu``) ignores that flag and
+    returns final states only, so ``conv_ssm_forward`` indexes past them (``IndexError``) and
+    the EngineCore dies on the first prompt longer than a cache block.  With
+    ``num_prefill_checkpoint_blocks=0`` the checkpoint builder
+    (``model_executor/layers/mamba/checkpoint.py``) and the scheduler
+    (``scheduler.py: mamba_has_prefill_checkpoint_blocks``) decline checkpoints together and the
+    scheduler splits prefills at block boundaries instead, as before checkpoints existed.
+    """
+    from dataclasses import replace
+
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    return {
+        name: replace(spec, num_prefill_checkpoint_blocks=0, prefill_checkpoint_alignment=None)
+        if isinstance(spec, MambaSpec)
+        else spec
+        for name, spec in specs.items()
+    }

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.engine.conftest import ENGINE_KWARGS
-from tests.engine.test_parity import Case, engine_outputs, prompt_ids, reference_outputs
+from tests.engine.test_parity import (
+    Case,
+    engine_generate,
+    engine_outputs,
+    prompt_ids,
+    reference_outputs,
+)
+from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.reference import TwoTowerModel
 
 NUM_BLOCKS = 8  # about 750 tokens: two or three of the requests below at a time
@@ -31,16 +38,29 @@ def llm(tiny_checkpoint: Path):
     del engine
 
 
-def test_preemption_keeps_outputs_exact(llm, tiny_checkpoint: Path) -> None:
+def test_preemption_keeps_outputs_exact_and_stats_consistent(llm, tiny_checkpoint: Path) -> None:
     modes = ["mask_diffusion", "ar", "mock_ar"] * 2
     cases = [Case(100 + 7 * i, {"mode": m}, max_tokens=100) for i, m in enumerate(modes)]
+    # Small custom block sizes, whose counters the issue #17 soak saw disagree with the output.
+    cases += [Case(60 + b, {"block_size": b, "steps_per_block": 3}, max_tokens=21) for b in (3, 5)]
     prompts = [prompt_ids(c.prompt_len, 300 + i) for i, c in enumerate(cases)]
     expected = reference_outputs(TwoTowerModel.from_pretrained(tiny_checkpoint), prompts, cases)
-    got = engine_outputs(llm, prompts, cases)
-    for case, exp, out in zip(cases, expected, got, strict=True):
-        assert out[0] == exp, case
+    outs = engine_generate(llm, prompts, cases)
+    for case, exp, out in zip(cases, expected, outs, strict=True):
+        assert list(out.outputs[0].token_ids) == exp, case
     names = sorted({m.name for m in llm.get_metrics()})
     assert metric(llm, "vllm:num_preemptions") > 0, f"no preemption happened ({names})"
+    # Preempted and recomputed requests still count each pass and block once.
+    for case, out in zip(cases, outs, strict=True):
+        kwargs = {"request_id": out.request_id}
+        (entry,) = llm.collective_rpc("twotower_stats", kwargs=kwargs)[0]["requests"].values()
+        problems = stats_mismatches(
+            entry,
+            tokens=len(out.outputs[0].token_ids),
+            block_size=case.extra_args.get("block_size", 16),
+            steps_per_block=case.extra_args.get("steps_per_block", 16),
+        )
+        assert not problems, (case, problems)
 
 
 def test_abort_mid_block_frees_its_cache(llm) -> None:

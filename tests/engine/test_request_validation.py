@@ -5,11 +5,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from vllm_twotower.config import DiffusionDefaults
 from vllm_twotower.engine.params import ServerDefaults, TwoTowerParamsValidator
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
+from vllm_twotower.params import MODES
 
 
 def defaults(**hf: object) -> ServerDefaults:
@@ -128,3 +132,80 @@ def test_block_size_bound_is_the_trained_block_not_the_chunk_size() -> None:
         served.resolve({"block_size": 65})
     with pytest.raises(ValueError, match="max_block_size"):
         max_block_size(SimpleNamespace(max_block_size=0))
+
+
+#: Values of every JSON-representable kind, with the boundaries that broke the engine before.
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.sampled_from([0, 1, 16, 17, 64, 65, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, 1e-300, 0.5, 1.0, 1.0000001, 1e30, 4.0, 16.0]),
+    st.text(max_size=8),
+    st.sampled_from(["ar", "mock_ar", "mask_diffusion", "AR", ""]),
+    st.lists(st.integers(), max_size=3),
+)
+_KEYS = st.sampled_from(
+    [
+        "mode",
+        "confidence_threshold",
+        "steps_per_block",
+        "block_size",
+        "twotower_x",
+        "steps_per_blocks",
+        "kv_transfer_params",
+        "other",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    extra_args=st.dictionaries(_KEYS, _ANY_VALUE, max_size=5),
+    seed=st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**64 - 1)),
+    temperature=st.floats(min_value=0.0, allow_nan=False, allow_infinity=True),
+)
+def test_whatever_admission_accepts_the_worker_stores(
+    extra_args: dict, seed: int | None, temperature: float
+) -> None:
+    """Admission is total: a request that passes ``validate_params`` never raises when the
+    worker's request table stores it (issue #17: overflow there killed the EngineCore)."""
+    try:
+        sp = SamplingParams(extra_args=extra_args, seed=seed, temperature=temperature)
+    except (ValueError, VLLMValidationError):  # vLLM's own checks refused it first
+        return
+    try:
+        TwoTowerParamsValidator.validate_params(sp)
+        expected = defaults().resolve(extra_args)
+    except ValueError:
+        return
+    table = RequestTable(defaults(), capacity=1)
+    (slot,) = table.slots(["r"], [sp])
+    assert MODES[int(table.mode[slot])] == expected.mode
+    assert int(table.block_size[slot]) == expected.block_size
+    assert int(table.steps_per_block[slot]) == expected.steps_per_block
+    assert float(table.threshold[slot]) == pytest.approx(expected.confidence_threshold)
+
+
+def test_totals_add_up_per_mode() -> None:
+    """The totals are the sum of the per-mode counters, finished and live requests alike, and
+    steps per block counts mask_diffusion's passes only (mock_ar's passes have no block)."""
+    table = RequestTable(defaults(), capacity=4)
+    md, mock, _ = table.slots(
+        ["md", "mock", "ar"],
+        [SamplingParams(), SamplingParams(extra_args={"mode": "mock_ar"}),
+         SamplingParams(extra_args={"mode": "ar"})],
+    )  # fmt: skip
+    table.nfe[md], table.blocks[md], table.decided[md] = 6, 2, 32
+    table.nfe[mock], table.decided[mock] = 40, 40
+    table.remove("md")
+    aggregate = table.stats()["aggregate"]
+    modes = aggregate["modes"]
+    assert modes["mask_diffusion"]["nfe"] == 6 and modes["mock_ar"]["nfe"] == 40
+    assert modes["ar"] == {"mode": "ar", "nfe": 0, "blocks": 0, "denoised_tokens": 0,
+                           "tokens_per_nfe": 0.0}  # fmt: skip
+    for key in ("nfe", "blocks", "denoised_tokens"):
+        assert aggregate[key] == sum(m[key] for m in modes.values())
+    assert aggregate["steps_per_block"] == 3.0  # 6 passes / 2 blocks, not (6 + 40) / 2
+    assert aggregate["tokens_per_nfe"] == (32 + 40) / (6 + 40)

