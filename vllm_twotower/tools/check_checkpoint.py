@@ -196,9 +196,10 @@ def check_checkpoint(
     """Meta-load ``weights()`` (default: ``model``'s stored tensors) on ``tp_size`` ranks.
 
     With ``tp_size > 1`` every rank runs in its own spawned process (sharing this process's
-    ``VllmConfig``): a process that has already held vLLM's distributed state once was seen
-    to stall in the next group's first collective.  ``weights`` must therefore be picklable
-    (a module-level function or a ``functools.partial``); each rank calls it for its stream.
+    ``VllmConfig``): with rank 0 in the calling process, two of three runs here stalled in the
+    group's first collective (cause not found); all-spawned ranks have not.  ``weights`` must
+    therefore be picklable (a module-level function or a ``functools.partial``); each rank
+    calls it for its own stream.
     """
     weights = weights or partial(header_tensors, str(model))
     init_method = f"tcp://127.0.0.1:{free_port()}"
