@@ -147,6 +147,7 @@ def load_rank(vllm_config: object, weights: MetaWeights, rank: int, init_method:
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on now, for a process group's TCP store."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -194,24 +195,27 @@ def check_checkpoint(
 ) -> list[RankReport]:
     """Meta-load ``weights()`` (default: ``model``'s stored tensors) on ``tp_size`` ranks.
 
-    Rank 0 runs in this process, ranks 1.. in spawned ones (one each, sharing this process's
-    ``VllmConfig``); ``weights`` must therefore be picklable (a module-level function or a
-    ``functools.partial``), and every rank calls it for its own stream.
+    With ``tp_size > 1`` every rank runs in its own spawned process (sharing this process's
+    ``VllmConfig``): with rank 0 in the calling process, two of three runs here stalled in the
+    group's first collective (cause not found); all-spawned ranks have not.  ``weights`` must
+    therefore be picklable (a module-level function or a ``functools.partial``); each rank
+    calls it for its own stream.
     """
     weights = weights or partial(header_tensors, str(model))
     init_method = f"tcp://127.0.0.1:{free_port()}"
     config = engine_config(model, tp_size)
+    if tp_size == 1:
+        return [load_rank(config, weights(), 0, init_method)]
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     procs = [
         context.Process(target=_rank_main, args=(config, r, init_method, weights, queue))
-        for r in range(1, tp_size)
+        for r in range(tp_size)
     ]
     for proc in procs:
         proc.start()
     try:
-        results: list[object] = [load_rank(config, weights(), 0, init_method)]
-        results += _collect(procs, queue)
+        results = _collect(procs, queue)
     finally:
         for proc in procs:
             proc.join(timeout=60)
