@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_twotower.engine.context_reader import ContextReader, layer_index, probe_block_layout
+from vllm_twotower.engine.context_reader import layer_index, paged_layer_kv, probe_block_layout
+from vllm_twotower.ops.paged_attention import gather_paged
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -30,7 +31,7 @@ def test_gather_reads_back_what_the_kernel_wrote(dtype: torch.dtype) -> None:
         ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         written.append((k, v))
     layer = SimpleNamespace(kv_cache=cache, isa=isa)
-    keys, values = ContextReader._gather_kv(layer, tables, lengths)
+    keys, values = gather_paged(paged_layer_kv(layer, tables), lengths)
     for row, (k, v) in enumerate(written):
         n = k.shape[0]
         assert torch.equal(keys[row, :n], k)
