@@ -245,3 +245,31 @@ def test_kernel_refuses_mismatched_inputs() -> None:
             case["scale"],
             False,
         )
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_kernel("paged_block_attention", torch.device("cuda"))),
+    reason="needs a GPU and the CUDA build of the extension",
+)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_matches_the_reference(dtype: torch.dtype, causal: bool) -> None:
+    case = make_case(
+        seed=3,
+        kv_lens=[300, 0, 45, 17],
+        block_lens=[16, 16, 5, 1],
+        size=16,
+        q_heads=8,
+        kv_heads=2,
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+    )
+    paged = case["paged"]
+    on_gpu = dict(case, paged=PagedKV(*(t.cuda() for t in vars(paged).values())))
+    for name in ("q", "k", "v", "kv_lens", "block_lens"):
+        on_gpu[name] = case[name].cuda()
+    out = run(on_gpu, causal, use_kernel=True).cpu()
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 0}
+    for r, expected in enumerate(reference_rows(case, causal)):
+        torch.testing.assert_close(out[r, : expected.shape[0]], expected, **tol)
