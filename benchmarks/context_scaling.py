@@ -116,8 +116,8 @@ def measure(
     alphabet = load_tokenizer(DEFAULT_CHECKPOINT).encode("abcdefghijklmnopqrstuvwxyz").ids
     letters = sorted(set(alphabet) - {1})  # without BOS
     # Prefix caching off: every prompt is fresh anyway, and with it vLLM 0.32's CPU Mamba
-    # prefill fails on prompts longer than a Mamba cache block (``varlen_states`` IndexError in
-    # ``mamba_mixer2``, context tower, every mode).
+    # prefill fails on long prefill chunks (``varlen_states`` IndexError in ``mamba_mixer2``,
+    # context tower, every mode; docs/engine-design.md §8).
     args = dict(
         EMBEDDED_ENGINE_ARGS,
         max_model_len=max(contexts) + long + BLOCK,

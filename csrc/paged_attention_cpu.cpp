@@ -4,9 +4,10 @@
 // (gathered per layer and pass) and one masked float32 SDPA over it.  One task per (row, kv
 // head): the task's queries (S block positions × the query heads sharing the kv head, GQA) walk
 // the row's context one kernel block at a time, the block's keys and values widened to float32
-// into a small tile through the backend's offset maps, then the block's own keys; scores,
-// running max, Σexp and the output accumulate in float32 (online softmax).  Reads each context
-// K/V element once per pass; allocates only the tiles.
+// into a small tile through the backend's offset maps (keys transposed, so that scores
+// vectorise over keys), then the block's own keys; scores, running max, Σexp and the output
+// accumulate in float32 (online softmax).  AVX2 + FMA with SLEEF's exp where the CPU has them.
+// Reads each context K/V element once per pass; allocates only the tiles.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,51 +18,102 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "paged_attention_check.h"
 
 namespace twotower::paged {
 namespace {
 
-// Online-softmax state of a task's Q queries.
-struct SoftmaxState {
-  int64_t queries, dim;
-  std::vector<float> max, sum, acc;  // [Q], [Q], [Q, d]
+constexpr int64_t kTileKeys = 256;
 
-  SoftmaxState(int64_t q, int64_t d)
-      : queries(q),
-        dim(d),
-        max(q, -std::numeric_limits<float>::infinity()),
-        sum(q, 0.f),
-        acc(q * d, 0.f) {}
-
-  // Folds in one tile of `n` keys: `scores [Q, n]` (-inf where masked), `values [n, d]`.
-  void update(std::vector<float>& scores, const std::vector<float>& values, int64_t n) {
-    for (int64_t i = 0; i < queries; ++i) {
-      float* s = scores.data() + i * n;
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, s[j]);
-      if (tile_max == -std::numeric_limits<float>::infinity()) continue;
-      const float new_max = std::max(max[i], tile_max);
-      const float correction = std::exp(max[i] - new_max);
-      float* a = acc.data() + i * dim;
-      if (correction != 1.f) {
-        for (int64_t c = 0; c < dim; ++c) a[c] *= correction;
-      }
-      float total = sum[i] * correction;
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = std::exp(s[j] - new_max);
-        total += p;
-        if (p == 0.f) continue;
-        const float* v = values.data() + j * dim;
-        for (int64_t c = 0; c < dim; ++c) a[c] += p * v[c];
-      }
-      sum[i] = total;
-      max[i] = new_max;
+// The arithmetic of one tile, portable (ScalarOps) or AVX2 + FMA (Avx2Ops, cpu_simd.h): keys are
+// staged transposed ([d, n], row stride `ld`) so that scores vectorise over keys.
+struct ScalarOps {
+  // s[j] = scale · Σ_c q[c] · kt[c·ld + j], j < n
+  static inline void scores(const float* __restrict q, const float* __restrict kt, int64_t d,
+                     int64_t n, int64_t ld, float scale, float* __restrict s) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    for (int64_t c = 0; c < d; ++c) {
+      const float qc = q[c];
+      const float* row = kt + c * ld;
+      for (int64_t j = 0; j < n; ++j) s[j] += qc * row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  }
+  // s[j] = exp(s[j] - shift); returns Σ s[j]
+  static float exp_sum(float* s, int64_t n, float shift) {
+    float total = 0.f;
+    for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - shift));
+    return total;
+  }
+  // a[c] = a[c] · decay + Σ_j p[j] · v[j·d + c]
+  static inline void accumulate(float* __restrict a, float decay, const float* __restrict p,
+                         const float* __restrict v, int64_t n, int64_t d) {
+    for (int64_t c = 0; c < d; ++c) a[c] *= decay;
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == 0.f) continue;
+      const float pj = p[j];
+      const float* vj = v + j * d;
+      for (int64_t c = 0; c < d; ++c) a[c] += pj * vj[c];
     }
   }
 };
 
-template <typename scalar_t>
+#if defined(TWOTOWER_X86_AVX2)
+// ScalarOps' loops inlined into AVX2 + FMA functions (the compiler vectorises them for AVX2),
+// and SLEEF's 8-wide exp.
+struct Avx2Ops {
+  TWOTOWER_AVX2 static void scores(const float* __restrict q, const float* __restrict kt,
+                                   int64_t d, int64_t n, int64_t ld, float scale,
+                                   float* __restrict s) {
+    ScalarOps::scores(q, kt, d, n, ld, scale, s);  // inlined, vectorised for AVX2
+  }
+  TWOTOWER_AVX2 static float exp_sum(float* s, int64_t n, float shift) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh));
+      _mm256_storeu_ps(s + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float total = 0.f;
+    for (float x : lanes) total += x;
+    for (; j < n; ++j) total += (s[j] = std::exp(s[j] - shift));
+    return total;
+  }
+  TWOTOWER_AVX2 static void accumulate(float* __restrict a, float decay,
+                                       const float* __restrict p, const float* __restrict v,
+                                       int64_t n, int64_t d) {
+    ScalarOps::accumulate(a, decay, p, v, n, d);  // inlined, vectorised for AVX2
+  }
+};
+#endif
+
+// Online-softmax state of a task's Q queries: running max, Σexp and float32 output rows.
+struct SoftmaxState {
+  std::vector<float> max, sum, acc;  // [Q], [Q], [Q, d]
+
+  SoftmaxState(int64_t q, int64_t d)
+      : max(q, -std::numeric_limits<float>::infinity()), sum(q, 0.f), acc(q * d, 0.f) {}
+
+  // Folds query i's scores `s [n]` (-inf where masked; overwritten) over `values [n, d]` in.
+  template <class Ops>
+  void update(int64_t i, float* s, const float* values, int64_t n, int64_t d) {
+    float tile_max = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, s[j]);
+    if (tile_max == -std::numeric_limits<float>::infinity()) return;
+    const float new_max = std::max(max[i], tile_max);
+    const float decay = std::exp(max[i] - new_max);
+    sum[i] = sum[i] * decay + Ops::exp_sum(s, n, new_max);
+    max[i] = new_max;
+    Ops::accumulate(acc.data() + i * d, decay, s, values, n, d);
+  }
+};
+
+template <typename scalar_t, class Ops>
 void run(const PagedAttentionArgs& a) {
   const auto* q = static_cast<const scalar_t*>(a.q);
   const auto* k = static_cast<const scalar_t*>(a.k);
@@ -69,10 +121,14 @@ void run(const PagedAttentionArgs& a) {
   const auto* cache = static_cast<const scalar_t*>(a.cache);
   auto* out = static_cast<scalar_t*>(a.out);
   const int64_t d = a.head_dim, S = a.size, N = a.kernel_block_size;
+  // Context keys per tile: whole kernel blocks, at least kTileKeys, so that per-tile work
+  // (a call per query) is amortised over many keys whatever the backend's block size.
+  const int64_t tile = N * std::max<int64_t>(1, kTileKeys / N), T = std::max(tile, S);
   const int64_t group = a.q_heads / a.kv_heads, Q = S * group;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, a.rows * a.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries(Q * d), keys(std::max(N, S) * d), values(std::max(N, S) * d);
-    std::vector<float> scores(Q * std::max(N, S));
+    // keys_t: [d, T] (transposed), values: [T, d], scores: [T]: 64 KiB at d = 32.
+    std::vector<float> queries(Q * d), keys_t(d * T), values(T * d), scores(T);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / a.kv_heads, h = task % a.kv_heads;
       // Query i = s * group + g is block position s, query head h * group + g.
@@ -82,48 +138,43 @@ void run(const PagedAttentionArgs& a) {
           for (int64_t c = 0; c < d; ++c) queries[(s * group + g) * d + c] = float(src[c]);
         }
       }
-      auto score = [&](int64_t n, auto allowed) {
-        for (int64_t i = 0; i < Q; ++i) {
-          const float* qi = queries.data() + i * d;
-          for (int64_t j = 0; j < n; ++j) {
-            if (!allowed(i / group, j)) {
-              scores[i * n + j] = -std::numeric_limits<float>::infinity();
-              continue;
-            }
-            const float* kj = keys.data() + j * d;
-            float dot = 0.f;
-            for (int64_t c = 0; c < d; ++c) dot += qi[c] * kj[c];
-            scores[i * n + j] = dot * a.scale;
-          }
-        }
-      };
       SoftmaxState state(Q, d);
       const int64_t kv_len = a.kv_lens[r];
-      for (int64_t start = 0; start < kv_len; start += N) {
-        const int64_t n = std::min(N, kv_len - start);
-        const scalar_t* base =
-            cache + a.block_table[r * a.table_width + start / N] * a.block_stride +
-            h * a.head_stride;
+      for (int64_t start = 0; start < kv_len; start += tile) {
+        const int64_t n = std::min(tile, kv_len - start);
         for (int64_t j = 0; j < n; ++j) {
+          const int64_t p = start + j;
+          const scalar_t* base = cache +
+                                 a.block_table[r * a.table_width + p / N] * a.block_stride +
+                                 h * a.head_stride;
+          const int64_t* k_off = a.k_offsets + (p % N) * d;
+          const int64_t* v_off = a.v_offsets + (p % N) * d;
           for (int64_t c = 0; c < d; ++c) {
-            keys[j * d + c] = float(base[a.k_offsets[j * d + c]]);
-            values[j * d + c] = float(base[a.v_offsets[j * d + c]]);
+            keys_t[c * T + j] = float(base[k_off[c]]);
+            values[j * d + c] = float(base[v_off[c]]);
           }
         }
-        score(n, [](int64_t, int64_t) { return true; });
-        state.update(scores, values, n);
+        for (int64_t i = 0; i < Q; ++i) {
+          Ops::scores(queries.data() + i * d, keys_t.data(), d, n, T, a.scale, scores.data());
+          state.template update<Ops>(i, scores.data(), values.data(), n, d);
+        }
       }
       const int64_t block_len = a.block_lens[r];
       for (int64_t j = 0; j < S; ++j) {
         const int64_t at = ((r * S + j) * a.kv_heads + h) * d;
         for (int64_t c = 0; c < d; ++c) {
-          keys[j * d + c] = float(k[at + c]);
+          keys_t[c * T + j] = float(k[at + c]);
           values[j * d + c] = float(v[at + c]);
         }
       }
-      const bool causal = a.causal;
-      score(S, [&](int64_t s, int64_t j) { return j < block_len && (!causal || j <= s); });
-      state.update(scores, values, S);
+      for (int64_t i = 0; i < Q; ++i) {
+        const int64_t s = i / group;
+        Ops::scores(queries.data() + i * d, keys_t.data(), d, S, T, a.scale, scores.data());
+        for (int64_t j = 0; j < S; ++j) {
+          if (j >= block_len || (a.causal && j > s)) scores[j] = kNegInf;
+        }
+        state.template update<Ops>(i, scores.data(), values.data(), S, d);
+      }
       for (int64_t i = 0; i < Q; ++i) {
         const int64_t s = i / group, g = i % group;
         scalar_t* dst = out + ((r * S + s) * a.q_heads + h * group + g) * d;
@@ -132,6 +183,17 @@ void run(const PagedAttentionArgs& a) {
       }
     }
   });
+}
+
+template <typename scalar_t>
+void dispatch(const PagedAttentionArgs& args) {
+#if defined(TWOTOWER_X86_AVX2)
+  if (cpu_has_avx2()) {
+    run<scalar_t, Avx2Ops>(args);
+    return;
+  }
+#endif
+  run<scalar_t, ScalarOps>(args);
 }
 
 }  // namespace
@@ -147,7 +209,7 @@ at::Tensor paged_block_attention_cpu(const at::Tensor& q, const at::Tensor& k,
   at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
   args.out = out.mutable_data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                  "paged_block_attention", [&] { run<scalar_t>(args); });
+                                  "paged_block_attention", [&] { dispatch<scalar_t>(args); });
   return out;
 }
 
