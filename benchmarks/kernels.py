@@ -16,9 +16,9 @@ Timings are medians of interleaved runs after one warm-up (a variant slower than
 once), on whatever CPU runs this (threads: ``torch.get_num_threads()``) or, with ``--device
 cuda``, on the GPU (each timing synchronises the device); the machine is named in the output.
 Commit rows also give the kernel's effective bandwidth: logit bytes read per second, the bound
-a one-pass kernel is held to (for attention rows: context K/V bytes per second).  The MoE weights of the real
-layer are 5 GB in float32; when the machine has too little free memory the expert count is
-reduced and the table says so.
+a one-pass kernel is held to (for attention rows: context K/V bytes per second).  The MoE
+weights of the real layer are 5 GB in float32; when the machine has too little free memory the
+expert count is reduced and the table says so.
 """
 
 from __future__ import annotations
