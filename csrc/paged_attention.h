@@ -29,6 +29,7 @@ struct PagedAttentionArgs {
   int64_t block_stride, head_stride;  // elements
   float scale;
   bool causal;
+  int device_index;  // of q (CUDA: the launch's device)
 };
 
 // Largest head_dim the kernels keep in registers / stack buffers.

@@ -1,4 +1,5 @@
-// Argument checks of `twotower::paged_block_attention`, shared by the CPU and CUDA bindings.
+// Argument checks and the op body of `twotower::paged_block_attention`, shared by the CPU and
+// CUDA bindings.
 // The Python wrapper (vllm_twotower/ops/paged_attention.py) passes contiguous q/k/v and int64
 // index tensors; anything else is refused here rather than read wrongly.
 #pragma once
@@ -63,6 +64,24 @@ inline void check_and_fill(const at::Tensor& q, const at::Tensor& k, const at::T
   args.head_stride = cache.stride(1);
   args.scale = static_cast<float>(scale);
   args.causal = causal;
+  args.device_index = q.device().index();
+}
+
+// The op for both backends: checks the arguments, allocates the output and hands the filled
+// arguments to `Launch(args, dtype)` (the CPU loop or the CUDA launcher).
+template <void (*Launch)(const PagedAttentionArgs&, at::ScalarType)>
+at::Tensor paged_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cache, const at::Tensor& block_table,
+                                 const at::Tensor& kv_lens, const at::Tensor& block_lens,
+                                 const at::Tensor& k_offsets, const at::Tensor& v_offsets,
+                                 double scale, bool causal) {
+  PagedAttentionArgs args;
+  check_and_fill(q, k, v, cache, block_table, kv_lens, block_lens, k_offsets, v_offsets, scale,
+                 causal, args);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  args.out = out.mutable_data_ptr();
+  Launch(args, q.scalar_type());
+  return out;
 }
 
 }  // namespace twotower::paged

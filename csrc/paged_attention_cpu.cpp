@@ -196,25 +196,15 @@ void dispatch(const PagedAttentionArgs& args) {
   run<scalar_t, ScalarOps>(args);
 }
 
-}  // namespace
-
-at::Tensor paged_block_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const at::Tensor& cache,
-                                     const at::Tensor& block_table, const at::Tensor& kv_lens,
-                                     const at::Tensor& block_lens, const at::Tensor& k_offsets,
-                                     const at::Tensor& v_offsets, double scale, bool causal) {
-  PagedAttentionArgs args;
-  check_and_fill(q, k, v, cache, block_table, kv_lens, block_lens, k_offsets, v_offsets, scale,
-                 causal, args);
-  at::Tensor out = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
-  args.out = out.mutable_data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
-                                  "paged_block_attention", [&] { dispatch<scalar_t>(args); });
-  return out;
+void launch_cpu(const PagedAttentionArgs& args, at::ScalarType type) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "paged_block_attention",
+                                  [&] { dispatch<scalar_t>(args); });
 }
 
+}  // namespace
+
 TORCH_LIBRARY_IMPL(twotower, CPU, m) {
-  m.impl("paged_block_attention", &paged_block_attention_cpu);
+  m.impl("paged_block_attention", &paged_block_attention<launch_cpu>);
 }
 
 }  // namespace twotower::paged

@@ -13,16 +13,9 @@
 namespace twotower::paged {
 namespace {
 
-at::Tensor paged_block_attention_cuda(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, const at::Tensor& cache,
-                                      const at::Tensor& block_table, const at::Tensor& kv_lens,
-                                      const at::Tensor& block_lens, const at::Tensor& k_offsets,
-                                      const at::Tensor& v_offsets, double scale, bool causal) {
-  PagedAttentionArgs args;
-  check_and_fill(q, k, v, cache, block_table, kv_lens, block_lens, k_offsets, v_offsets, scale,
-                 causal, args);
+void launch_cuda(const PagedAttentionArgs& args, at::ScalarType dtype) {
   ElementType type;
-  switch (q.scalar_type()) {
+  switch (dtype) {
     case at::kFloat:
       type = ElementType::kFloat;
       break;
@@ -35,18 +28,14 @@ at::Tensor paged_block_attention_cuda(const at::Tensor& q, const at::Tensor& k,
     default:
       TORCH_CHECK(false, "paged_block_attention: float32, bfloat16 or float16 on CUDA");
   }
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  args.out = out.mutable_data_ptr();
-  C10_CUDA_CHECK(
-      launch_paged_block_attention(args, type, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(args.device_index));
+  C10_CUDA_CHECK(launch_paged_block_attention(args, type, c10::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(twotower, CUDA, m) {
-  m.impl("paged_block_attention", &paged_block_attention_cuda);
+  m.impl("paged_block_attention", &paged_block_attention<launch_cuda>);
 }
 
 }  // namespace twotower::paged

@@ -29,18 +29,19 @@ needs_kernel = pytest.mark.skipif(
 
 
 def make_case(
-    *,
     seed: int,
     kv_lens: list[int],
     block_lens: list[int],
-    size: int,
-    q_heads: int,
-    kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
+    *,
+    size: int = 4,
+    heads: tuple[int, int] = (2, 1),
+    head_dim: int = 8,
+    block_size: int = 8,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Queries, block keys/values, a written paged context and the context as written."""
+    """Queries, block keys/values, a written paged context and the context as written;
+    ``heads`` = (query heads, kv heads)."""
+    q_heads, kv_heads = heads
     gen = torch.Generator().manual_seed(seed)
     rows = len(kv_lens)
     used = [-(-n // block_size) for n in kv_lens]
@@ -123,17 +124,7 @@ def check(case: dict, causal: bool, dtype: torch.dtype) -> None:
 
 
 def test_gather_reads_what_was_written() -> None:
-    case = make_case(
-        seed=0,
-        kv_lens=[37, 0, 16],
-        block_lens=[4, 4, 4],
-        size=4,
-        q_heads=4,
-        kv_heads=2,
-        head_dim=8,
-        block_size=16,
-        dtype=torch.float32,
-    )
+    case = make_case(0, [37, 0, 16], [4, 4, 4], heads=(4, 2), block_size=16)
     keys, values = gather_paged(case["paged"], case["kv_lens"])
     assert keys.shape == values.shape == (3, 37, 2, 8)
     for r, (k, v) in enumerate(case["context"]):
@@ -143,17 +134,7 @@ def test_gather_reads_what_was_written() -> None:
 
 def test_fallback_is_attend_over_the_padded_gather() -> None:
     """The fallback is the reference ``attend`` over one padded, masked batch, bit for bit."""
-    case = make_case(
-        seed=1,
-        kv_lens=[5, 40],
-        block_lens=[3, 6],
-        size=6,
-        q_heads=2,
-        kv_heads=1,
-        head_dim=16,
-        block_size=8,
-        dtype=torch.float32,
-    )
+    case = make_case(1, [5, 40], [3, 6], size=6, head_dim=16)
     out = run(case, causal=False, use_kernel=False)
     keys, values = gather_paged(case["paged"], case["kv_lens"])
     mask = torch.zeros(2, 40 + 6, dtype=torch.bool)
@@ -196,17 +177,8 @@ def test_kernel_and_fallback_match_the_reference(
     rows = data.draw(st.integers(1, 4))
     kv_lens = data.draw(st.lists(st.integers(0, 70), min_size=rows, max_size=rows))
     block_lens = data.draw(st.lists(st.integers(1, size), min_size=rows, max_size=rows))
-    case = make_case(
-        seed=seed,
-        kv_lens=kv_lens,
-        block_lens=block_lens,
-        size=size,
-        q_heads=kv_heads * group,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        block_size=block_size,
-        dtype=dtype,
-    )
+    shape = {"size": size, "head_dim": head_dim, "block_size": block_size, "dtype": dtype}
+    case = make_case(seed, kv_lens, block_lens, heads=(kv_heads * group, kv_heads), **shape)
     check(case, causal, dtype)
 
 
@@ -219,17 +191,7 @@ def test_kernel_is_used_unless_disabled(monkeypatch: pytest.MonkeyPatch) -> None
 
 @needs_kernel
 def test_kernel_refuses_mismatched_inputs() -> None:
-    case = make_case(
-        seed=2,
-        kv_lens=[3],
-        block_lens=[2],
-        size=2,
-        q_heads=2,
-        kv_heads=1,
-        head_dim=8,
-        block_size=4,
-        dtype=torch.float32,
-    )
+    case = make_case(2, [3], [2], size=2, block_size=4)
     paged = case["paged"]
     with pytest.raises(RuntimeError, match="index tensors must be contiguous int64"):
         torch.ops.twotower.paged_block_attention(
@@ -254,17 +216,8 @@ def test_kernel_refuses_mismatched_inputs() -> None:
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernel_matches_the_reference(dtype: torch.dtype, causal: bool) -> None:
-    case = make_case(
-        seed=3,
-        kv_lens=[300, 0, 45, 17],
-        block_lens=[16, 16, 5, 1],
-        size=16,
-        q_heads=8,
-        kv_heads=2,
-        head_dim=128,
-        block_size=16,
-        dtype=dtype,
-    )
+    shape = {"size": 16, "heads": (8, 2), "head_dim": 128, "block_size": 16, "dtype": dtype}
+    case = make_case(3, [300, 0, 45, 17], [16, 16, 5, 1], **shape)
     paged = case["paged"]
     on_gpu = dict(case, paged=PagedKV(*(t.cuda() for t in vars(paged).values())))
     for name in ("q", "k", "v", "kv_lens", "block_lens"):
