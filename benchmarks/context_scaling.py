@@ -249,8 +249,8 @@ def main() -> None:
             *(render_row(c, tokens) for c in cells),
             "",
             f"Model worker RSS idle after start-up: {idle / 2**20:,.0f} MiB (runtime, weights "
-            f"{weights / 2**20:.0f} MiB; the {kv_space / 2**20:,.0f} MiB KV cache is allocated "
-            f"but its pages become resident as they are written).  During the "
+            f"{weights / 2**20:.0f} MiB, the {kv_space / 2**20:,.0f} MiB KV cache as far as its "
+            f"pages are resident).  During the "
             f"{worst.context:,}-token batch-{worst.batch} runs: peak {worst.peak_rss / 2**20:,.0f}"
             f" MiB, {worst.after_rss / 2**20:,.0f} MiB resident after them; the transient "
             f"(peak − after, what the passes allocate and free) is "
