@@ -2,7 +2,9 @@
 
 * commit step: ``torch.ops.twotower.commit_step`` vs ``commit_step_torch`` (the unfused rule);
 * MoE layer: ``torch.ops.twotower.moe_forward`` vs the reference layer (tokens grouped by expert
-  in torch, the fallback) and vs a straightforward per-token torch loop.
+  in torch, the fallback) and vs a straightforward per-token torch loop;
+* joint attention over a paged context: ``torch.ops.twotower.paged_block_attention`` vs its
+  fallback, the dense path (gather the context, concatenate the block, SDPA in float32).
 
 Usage::
 
@@ -14,9 +16,9 @@ Timings are medians of interleaved runs after one warm-up (a variant slower than
 once), on whatever CPU runs this (threads: ``torch.get_num_threads()``) or, with ``--device
 cuda``, on the GPU (each timing synchronises the device); the machine is named in the output.
 Commit rows also give the kernel's effective bandwidth: logit bytes read per second, the bound
-a one-pass kernel is held to.  The MoE weights of the real
-layer are 5 GB in float32; when the machine has too little free memory the expert count is
-reduced and the table says so.
+a one-pass kernel is held to (for attention rows: context K/V bytes per second).  The MoE
+weights of the real layer are 5 GB in float32; when the machine has too little free memory the
+expert count is reduced and the table says so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from docsections import machine_name
 from vllm_twotower.commit import commit_step, commit_step_torch
 from vllm_twotower.ops import extension_available, extension_status
 from vllm_twotower.ops.moe import moe_forward
+from vllm_twotower.ops.paged_attention import PagedKV, paged_block_attention
 from vllm_twotower.reference.moe import expert_mlp, route
 from vllm_twotower.reference.moe import moe_forward as reference_moe
 
@@ -203,6 +206,60 @@ def moe_row(
     return Row("moe_forward", shape, timings)
 
 
+def paged_row(
+    rows: int,
+    context: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    repeats: int,
+    device: torch.device,
+) -> Row:
+    """The denoiser's joint attention of one layer: 16 block queries per row over ``context``
+    paged tokens (16-token blocks, shuffled block table, a dense ``[B, H, N, K|V]`` cache).
+    The fallback is the dense path: gather the context, concatenate, SDPA in float32."""
+    gen = torch.Generator().manual_seed(0)
+    size, block = 16, 16
+    blocks = rows * -(-context // block)
+    cache = torch.randn(blocks, kv_heads, block, 2 * head_dim, generator=gen).to(dtype)
+    table = torch.randperm(blocks, generator=gen).view(rows, -1)
+    token = torch.arange(block)[:, None] * cache.stride(2)
+    channel = torch.arange(head_dim)[None, :]
+    paged = PagedKV(cache, table, token + channel, token + channel + head_dim)
+    paged = PagedKV(*(t.to(device) for t in vars(paged).values()))
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn(rows, size, heads, head_dim, generator=gen).to(dtype).to(device)
+
+    q, k, v = rand(q_heads), rand(kv_heads), rand(kv_heads)
+    kv_lens = torch.full((rows,), context, device=device)
+    block_lens = torch.full((rows,), size, device=device)
+
+    def call(use_kernel: bool) -> Callable[[], object]:
+        return lambda: paged_block_attention(
+            q,
+            k,
+            v,
+            paged,
+            kv_lens,
+            block_lens,
+            scale=head_dim**-0.5,
+            causal=False,
+            use_kernel=use_kernel,
+        )
+
+    timings = measure(
+        {"kernel": call(True), "torch fallback": call(False)}, repeats=repeats, device=device
+    )
+    shape = (
+        f"{rows} rows × 16 queries, context {context}, GQA {q_heads}/{kv_heads} × {head_dim}, "
+        f"{str(dtype)[6:]}"
+    )
+    context_bytes = rows * context * kv_heads * 2 * head_dim * cache.element_size()
+    return Row("paged_block_attention", shape, timings, bytes_read=context_bytes)
+
+
 def table(rows: list[Row], device: torch.device) -> str:
     baselines = ["torch fallback", "per-token torch"]
     head = "| kernel | shape | kernel ms | " + " | ".join(
@@ -232,6 +289,7 @@ def main() -> None:
     if args.smoke:
         commit_cfg = [(2, 4, 1000, f32, False), (2, 4, 1000, bf16, True)]
         moe_cfg = [(8, 8, 2, 32, 16, 32)]
+        paged_cfg = [(2, 100, 4, 2, 8, f32)]
         repeats = 2
     else:
         commit_cfg = [
@@ -247,9 +305,15 @@ def main() -> None:
             (256, 16, 4, 512, 256, 512),
             (16, 16, 4, 512, 256, 512),
         ]
+        paged_cfg = [
+            (8, 16384, 4, 2, 32, f32),  # the embedded checkpoint's attention layers
+            (8, 4096, 32, 2, 128, bf16),  # Nemotron-3-Nano's attention layers
+            (1, 32768, 32, 2, 128, bf16),
+        ]
         repeats = 5
     rows = [commit_row(*cfg, repeats, device) for cfg in commit_cfg]
     rows += [moe_row(*cfg, repeats, device) for cfg in moe_cfg]
+    rows += [paged_row(*cfg, repeats, device) for cfg in paged_cfg]
     text = table(rows, device)
     print(text)
     if not args.smoke and not args.no_write and device.type == "cpu":

@@ -8,13 +8,9 @@
 // running max / argmax / sum of exp (online softmax) and, for sampling rows, the Gumbel-max draw
 // are updated from the staged chunk.
 //
-// The vector code is AVX2 + FMA, selected at run time; it is written with intrinsics in
-// functions carrying `target("avx2,fma")` instead of at::vec, because at::vec only enables its
-// AVX2 specialisation when the whole translation unit is compiled with -mavx2, and inline
-// functions of the torch headers compiled that way could then be picked by the linker for the
-// rest of the extension and fault on CPUs without AVX2.  The transcendental functions are the
-// SLEEF routines libtorch_cpu exports (those at::vec uses), so the Gumbel noise is computed by
-// the same float64 log as torch's vectorised CPU kernels.
+// The vector code is AVX2 + FMA, selected at run time, written with intrinsics (see cpu_simd.h
+// for why not at::vec); the Gumbel noise uses SLEEF's float64 log, as torch's vectorised CPU
+// kernels do.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -31,16 +27,8 @@
 
 #include "commit.h"
 #include "commit_rule.h"
+#include "cpu_simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define TWOTOWER_X86_AVX2 1
-extern "C" {
-// Exported by libtorch_cpu (SLEEF, statically linked there for at::vec).
-__attribute__((target("avx2,fma"))) __m256 Sleef_expf8_u10avx2(__m256);
-__attribute__((target("avx2,fma"))) __m256d Sleef_logd4_u10avx2(__m256d);
-}
-#endif
 
 namespace twotower::commit {
 namespace {
@@ -86,7 +74,6 @@ struct ScalarOps {
 };
 
 #if defined(TWOTOWER_X86_AVX2)
-#define TWOTOWER_AVX2 __attribute__((target("avx2,fma")))
 
 struct Avx2Ops {
   TWOTOWER_AVX2 static void widen(const c10::BFloat16* src, float* dst, int64_t n) {
@@ -280,8 +267,7 @@ void predict_dispatch(const at::Tensor& logits, const std::vector<int64_t>& rows
                       const double* temperature, const uint32_t* keys, int64_t positions,
                       int64_t* tokens, float* confidence) {
 #if defined(TWOTOWER_X86_AVX2)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) {
+  if (cpu_has_avx2()) {
     predict_rows<Avx2Ops, scalar_t>(logits, rows, mask_id, temperature, keys, positions, tokens,
                                     confidence);
     return;

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
     "calibration": ["benchmarks/calibration.py", "--smoke", "--no-write"],
+    "context_scaling": ["benchmarks/context_scaling.py", "--smoke"],  # prints only
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
     "quality": ["benchmarks/quality.py", "--smoke"],  # writes to a temporary folder
     # starts the OpenAI server on loopback, runs vllm bench serve against it, stops it

@@ -22,6 +22,7 @@ python3 -c 'from vllm_twotower.ops import extension_status; print(extension_stat
 
 echo "== kernel tests (CPU and CUDA)"
 python3 -m pytest -q -p no:cacheprovider tests/test_ops_commit.py tests/test_ops_moe.py \
+    tests/test_ops_paged_attention.py \
     tests/test_commit_rule.py
 tests=$?
 

@@ -29,7 +29,8 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_twotower.engine.context_reader import ContextReader
+from vllm_twotower.engine.context_reader import ContextReader, paged_layer_kv
+from vllm_twotower.ops.paged_attention import gather_paged
 
 HEADS, HEAD_SIZE, NUM_BLOCKS = 2, 8, 12
 LAYERS = ["model.layers.1.mixer.attn", "model.layers.3.mixer.attn"]
@@ -157,7 +158,7 @@ def _write_and_read(
     assert sorted(context.kv) == [1, 3]
     assert torch.equal(context.kv_lens, kv_lens)
     for name in LAYERS:
-        keys, values = context.kv[int(name.split(".")[2])]
+        keys, values = gather_paged(context.kv[int(name.split(".")[2])], context.kv_lens)
         assert keys.shape == values.shape == (len(READ_ROWS), max(BATCH_LENGTHS), HEADS, HEAD_SIZE)
         assert keys.dtype == values.dtype == dtype
         for i, row in enumerate(READ_ROWS.tolist()):
@@ -198,7 +199,7 @@ def test_packed_spec_is_refused() -> None:
     layer = SimpleNamespace(kv_cache=cache, attn_backend=flash_attn.FlashAttentionBackend)
     table = torch.zeros(1, 1, dtype=torch.int32)
     with pytest.raises(NotImplementedError, match=r"FLASH_ATTN cache of shape \(12, 2, 16, 16\)"):
-        ContextReader._gather_kv(layer, table, torch.tensor([3]), packed)
+        paged_layer_kv(layer, table, packed)
 
 
 def test_unknown_shape_is_refused() -> None:
@@ -213,4 +214,4 @@ def test_unknown_shape_is_refused() -> None:
     with pytest.raises(
         NotImplementedError, match=r"TRITON_ATTN cache of shape \(2, 12, 16, 2, 8\)"
     ):
-        ContextReader._gather_kv(layer, table, torch.tensor([3]), spec)
+        paged_layer_kv(layer, table, spec)

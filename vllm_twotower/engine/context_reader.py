@@ -3,8 +3,12 @@
 After the context pass of a step, vLLM's caches hold, for every request, the attention keys /
 values of all its tokens (paged, addressed through the request's block table) and the Mamba
 conv / SSM state after its last token (one state slot, addressed through the Mamba group's
-block table).  :class:`ContextReader` gathers them, for a set of batch rows, into the dense
-:class:`~vllm_twotower.model.denoiser.DenoiserContext` the denoiser consumes.  It never writes.
+block table).  :class:`ContextReader` describes where they are, for a set of batch rows, as the
+:class:`~vllm_twotower.model.blockwise.BlockContext` the denoiser consumes: block tables and
+element offsets (:class:`~vllm_twotower.ops.paged_attention.PagedKV`) and state slots
+(:class:`~vllm_twotower.model.blockwise.MambaSlots`).  Nothing is copied: the denoiser's
+attention reads the cache in place, and each Mamba layer reads its rows' slots when a pass
+reaches it.  It never writes.
 
 vLLM binds every attention layer's cache as a logical ``[B, H, N, C]`` view (RFC #42082:
 kernel blocks, head slots, stored states, content); the physical order of those axes
@@ -15,11 +19,11 @@ strides, so indexing the view reads any of them.  What a cell holds depends on t
   AVX-512 ``vec``, keys are stored transposed: ``[head_dim, block_size]`` per block and head,
   values plainly).  Rather than hard-coding layouts, :func:`probe_block_layout` asks vLLM's own
   ``cpu_attn_reshape_and_cache`` where each (token, channel) lands in a scratch block, once per
-  layout, and reads through the resulting index map.
+  layout; the resulting offset maps are what the attention kernel reads through.
 * Every other backend that keeps the layer's :class:`AttentionSpec` dense (no packed head
   slots or content, no quantization, one token per state; FlashAttention, FlashInfer, Triton,
-  FlexAttention) reads the view as ``kv_cache.transpose(1, 2).split(head_size, -1)``: one
-  token per row ``N``, keys then values along ``C``.  Backends that pack differently declare
+  FlexAttention) reads the view as one token per row ``N``, keys then values along ``C``; its
+  offset maps are the view's strides.  Backends that pack differently declare
   it in the spec (``customize_spec``), which :func:`dense_kernel_block_size` checks, together
   with the view's shape against vLLM's own ``compute_layer_kv_cache_shape_bytes``.
 """
@@ -34,7 +38,8 @@ from typing import Any
 import torch
 
 from vllm_twotower import vllm_internals as vi
-from vllm_twotower.model.blockwise import BlockContext, MambaStates
+from vllm_twotower.model.blockwise import BlockContext, MambaSlots, MambaStates
+from vllm_twotower.ops.paged_attention import PagedKV
 
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
@@ -144,7 +149,7 @@ class _MambaLayer:
 
 
 class ContextReader:
-    """Gathers the context tower's KV and Mamba states of batch rows for the denoiser."""
+    """Points the denoiser at the context tower's KV and Mamba states of batch rows."""
 
     def __init__(self, runner: object) -> None:
         self.runner = runner
@@ -161,101 +166,87 @@ class ContextReader:
                 )
 
     def read(self, rows: torch.Tensor, kv_lens: torch.Tensor) -> BlockContext:
-        """Context of batch ``rows``: the first ``kv_lens [R]`` cached keys/values of each
-        attention layer and the Mamba states in the rows' state slots."""
+        """Context of batch ``rows``: their first ``kv_lens [R]`` cached keys/values of each
+        attention layer and their Mamba state slots, all in place (nothing is copied)."""
         kv = {}
         for layer in self.attention:
             table = vi.block_table_rows(self.runner, layer.group, rows)
-            keys, values = self._gather_kv(layer.module, table, kv_lens, layer.spec)
-            kv[layer.index] = (keys, values)
+            kv[layer.index] = paged_layer_kv(layer.module, table, layer.spec)
         return BlockContext(
-            kv=kv, kv_lens=kv_lens.to(self.runner.device), mamba=self.read_mamba(rows)
+            kv=kv, kv_lens=kv_lens.to(self.runner.device), mamba=dict(self.mamba_slots(rows))
         )
 
-    def read_mamba(self, rows: torch.Tensor) -> MambaStates:
-        """Copies of the Mamba conv (``[R, conv_dim, K-1]``) and SSM states of batch ``rows``."""
-        mamba = {}
+    def mamba_slots(self, rows: torch.Tensor) -> dict[int, MambaSlots]:
+        """Every Mamba layer's conv / SSM state slots of batch ``rows``, in place."""
         dim_first = vi.conv_state_dim_first()
+        mamba = {}
         for layer in self.mamba:
             spec = self.mamba_specs[layer.group]
             slots = vi.mamba_state_slots(self.runner, layer.group, spec, rows)
             conv_cache, ssm_cache = vi.layer_cache(layer.module)[:2]
-            conv = conv_cache[slots]
-            if not dim_first:
-                conv = conv.transpose(-1, -2)
-            mamba[layer.index] = (conv, ssm_cache[slots])
+            mamba[layer.index] = MambaSlots(conv_cache, ssm_cache, slots, dim_first)
         return mamba
 
-    @staticmethod
-    def _gather_kv(
-        attention: torch.nn.Module,
-        table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        spec: Any = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``[R, P, kv_heads, head_dim]`` keys and values, ``P = max(seq_lens)``.
+    def read_mamba(self, rows: torch.Tensor) -> MambaStates:
+        """Copies of the Mamba conv (``[R, conv_dim, K-1]``) and SSM states of batch ``rows``
+        (mock-AR keeps them across the context pass, which overwrites the slots)."""
+        return {i: state.read() for i, state in self.mamba_slots(rows).items()}
 
-        Rows are read from block ``table [R, max_blocks]`` (KV-manager block ids); positions
-        past a row's length hold whatever the blocks hold (the denoiser masks them).  The CPU
-        backend (which tags its layers with ``isa``) has its own block interior; every other
-        backend must bind the dense view described by the layer's ``spec``.
-        """
-        isa = vi.cpu_attention_isa(attention)
-        if isa is not None:
-            return ContextReader._gather_cpu_kv(attention, isa, table, seq_lens)
-        return ContextReader._gather_dense_kv(attention, table, seq_lens, spec)
 
-    @staticmethod
-    def _gather_dense_kv(
-        attention: torch.nn.Module,
-        table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        spec: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reads a dense ``[B, kv_heads, N, K|V]`` view (GPU backends) with one gather.
+def paged_layer_kv(attention: torch.nn.Module, table: torch.Tensor, spec: Any = None) -> PagedKV:
+    """Where an attention layer's cache keeps the context of the rows of block ``table [R,
+    max_blocks]`` (KV-manager block ids).
 
-        Indexing the view honours whatever physical permutation its strides encode, so no
-        ``KVCacheLayout`` case needs handling here; each position ``p`` of a row is token
-        ``p % N`` of the row's kernel block ``p // N``.
-        """
-        kernel_block_size = dense_kernel_block_size(attention, spec)
-        cache = vi.layer_cache(attention)
-        length = max(int(seq_lens.max()), 1)
-        used = -(-length // kernel_block_size)
-        blocks = kernel_block_table(table, spec.block_size, kernel_block_size)[:, :used]
-        pos = torch.arange(length, device=cache.device)
-        token_blocks = blocks.to(cache.device)[:, pos // kernel_block_size]  # [R, P]
-        data = cache.transpose(1, 2)[token_blocks, pos % kernel_block_size]  # [R, P, H, C]
-        keys = data[..., : spec.head_size]
-        values = data[..., spec.head_size : spec.head_size + spec.head_size_v]
-        return keys, values
+    The CPU backend (which tags its layers with ``isa``) has its own block interior; every other
+    backend must bind the dense view described by the layer's ``spec``.
+    """
+    isa = vi.cpu_attention_isa(attention)
+    if isa is not None:
+        return _cpu_paged_kv(attention, isa, table)
+    return _dense_paged_kv(attention, table, spec)
 
-    @staticmethod
-    def _gather_cpu_kv(
-        attention: torch.nn.Module, isa: str, table: torch.Tensor, seq_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reads the CPU backend's ``[B, kv_heads, N, 2 * head_dim]`` cache through the block
-        interior :func:`probe_block_layout` learnt from vLLM's own writer."""
-        cache = vi.layer_cache(attention)
-        if cache.dim() != 4:
-            raise NotImplementedError(
-                f"unexpected CPU attention cache of shape {tuple(cache.shape)}; "
-                "see docs/engine-design.md"
-            )
-        num_blocks, kv_heads, block_size, two_d = cache.shape
-        head_dim = two_d // 2
-        k_off, v_off = probe_block_layout(isa, cache.dtype, block_size, head_dim)
-        rows = table.shape[0]
-        length = max(int(seq_lens.max()), 1)
-        used = -(-length // block_size)
-        # One block and head holds 2 * block_size * head_dim elements: keys, then values.
-        flat = cache.view(num_blocks, kv_heads, 2 * block_size * head_dim)
-        data = flat[table[:, :used].long()]  # [R, used, H, 2*bs*D]
 
-        def unpack(offsets: torch.Tensor) -> torch.Tensor:
-            out = data[..., offsets.reshape(-1)].view(rows, used, kv_heads, block_size, head_dim)
-            return out.transpose(2, 3).reshape(rows, used * block_size, kv_heads, head_dim)
+def _dense_paged_kv(attention: torch.nn.Module, table: torch.Tensor, spec: Any) -> PagedKV:
+    """A dense ``[B, kv_heads, N, K|V]`` view (GPU backends): token ``n``'s channel ``c`` is at
+    ``n * stride(2) + c * stride(3)`` from its block and head, keys then values along ``C``.
 
-        keys = unpack(k_off)[:, :length]
-        values = unpack(v_off + block_size * head_dim)[:, :length]
-        return keys, values
+    The view's strides carry its physical permutation, so no ``KVCacheLayout`` case needs
+    handling here; block table entries are converted to kernel blocks.
+    """
+    kernel_block_size = dense_kernel_block_size(attention, spec)
+    cache = vi.layer_cache(attention)
+    if spec.head_size_v != spec.head_size:
+        raise NotImplementedError(
+            f"keys and values of different sizes ({spec.head_size}, {spec.head_size_v}) are not "
+            "implemented; see docs/engine-design.md"
+        )
+    token = torch.arange(kernel_block_size)[:, None] * cache.stride(2)
+    channel = torch.arange(spec.head_size)[None, :] * cache.stride(3)
+    blocks = kernel_block_table(table, spec.block_size, kernel_block_size)
+    return PagedKV(
+        cache=cache,
+        block_table=blocks.to(cache.device),
+        k_offsets=(token + channel).to(cache.device),
+        v_offsets=(token + channel + spec.head_size * cache.stride(3)).to(cache.device),
+    )
+
+
+def _cpu_paged_kv(attention: torch.nn.Module, isa: str, table: torch.Tensor) -> PagedKV:
+    """The CPU backend's ``[B, kv_heads, N, 2 * head_dim]`` cache, read through the block
+    interior :func:`probe_block_layout` learnt from vLLM's own writer (keys fill the first
+    ``N * head_dim`` elements of a block and head, values the rest)."""
+    cache = vi.layer_cache(attention)
+    if cache.dim() != 4 or cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+        raise NotImplementedError(
+            f"unexpected CPU attention cache of shape {tuple(cache.shape)}, strides "
+            f"{cache.stride()}; see docs/engine-design.md"
+        )
+    _, _, block_size, two_d = cache.shape
+    head_dim = two_d // 2
+    k_off, v_off = probe_block_layout(isa, cache.dtype, block_size, head_dim)
+    return PagedKV(
+        cache=cache,
+        block_table=table.long(),
+        k_offsets=k_off,
+        v_offsets=v_off + block_size * head_dim,
+    )

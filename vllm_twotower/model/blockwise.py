@@ -8,15 +8,16 @@ Both uses of a TwoTower tower outside vLLM's own forward go through :func:`run_l
 
 The layers are vLLM's Nemotron-H decoder layers; only their projections, norms and parameters
 are used, never their ``forward`` (which would read and write vLLM's caches).  The
-sequence math (causal conv, SSD scan, attention) is the reference implementation's, so the
-engine and the oracle agree on the same inputs; every row of the batch goes through each of
-them in one call (contexts padded to one length and masked), so a pass costs the same number
-of operations at any batch size.
+sequence math (causal conv, SSD scan) is the reference implementation's, so the engine and the
+oracle agree on the same inputs; joint attention reads the context where vLLM's cache keeps it
+(:mod:`vllm_twotower.ops.paged_attention`, whose fallback is the reference ``attend`` over a
+gathered copy).  Every row of the batch goes through each of them in one call, so a pass costs
+the same number of operations at any batch size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,49 +28,76 @@ from vllm.model_executor.models.nemotron_h import (
 )
 
 from vllm_twotower import vllm_internals as vi
-from vllm_twotower.reference.attention import attend
+from vllm_twotower.ops.paged_attention import PagedKV, paged_block_attention
 from vllm_twotower.reference.mamba2 import causal_conv1d, ssd_chunk_scan
 
 MambaStates = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MambaSlots:
+    """One Mamba layer's states of a batch of rows, in place in vLLM's state cache.
+
+    ``conv_cache`` / ``ssm_cache``: the layer's state tensors (never copied whole); ``slots
+    [R]``: each row's state slot; ``dim_first``: whether the conv state is stored
+    ``[conv_dim, K-1]`` (else ``[K-1, conv_dim]``).  A pass reads a layer's rows when it reaches
+    that layer (:meth:`read`), so no per-row copy of every layer's states is held across a
+    block's passes.
+    """
+
+    conv_cache: torch.Tensor
+    ssm_cache: torch.Tensor
+    slots: torch.Tensor
+    dim_first: bool
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv ``[R, conv_dim, K-1]`` (oldest input first) and SSM states of the rows."""
+        conv = self.conv_cache[self.slots]
+        return (conv if self.dim_first else conv.transpose(-1, -2)), self.ssm_cache[self.slots]
+
+    def select(self, rows: torch.Tensor) -> MambaSlots:
+        """The same layer for a subset of the rows."""
+        return replace(self, slots=self.slots[rows.to(self.slots.device)])
 
 
 @dataclass
 class BlockContext:
     """What a block pass reads of the context tower, for a batch of ``B`` rows.
 
-    ``kv[l] = (k, v)``: context keys/values of attention layer ``l``,
-    ``[B, P, kv_heads, head_dim]`` padded to the longest context; ``kv_lens [B]`` how many of
-    the ``P`` positions are each row's (every attention layer caches the same tokens).
-    ``mamba[l] = (conv, ssm)``: layer ``l``'s conv state ``[B, conv_dim, K-1]`` (oldest input
-    first) and SSM state ``[B, heads, head_dim, N]`` (float32).
+    ``kv[l]``: attention layer ``l``'s context keys/values where vLLM keeps them
+    (:class:`~vllm_twotower.ops.paged_attention.PagedKV`); ``kv_lens [B]`` how many of them
+    are each row's (every attention layer caches the same tokens).  ``mamba[l]``: layer ``l``'s
+    states, either in place (:class:`MambaSlots`) or as tensors ``(conv, ssm)``: conv state
+    ``[B, conv_dim, K-1]`` (oldest input first) and SSM state ``[B, heads, head_dim, N]``
+    (float32), for states vLLM's cache no longer holds (mock-AR's snapshot and catch-up).
     """
 
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kv: dict[int, PagedKV]
     kv_lens: torch.Tensor
-    mamba: MambaStates
+    mamba: dict[int, MambaSlots | tuple[torch.Tensor, torch.Tensor]]
 
     def select(self, rows: torch.Tensor) -> BlockContext:
-        """The context of a subset of the batch."""
+        """The context of a subset of the batch (no context keys/values are copied)."""
         return BlockContext(
-            kv={i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()},
-            kv_lens=self.kv_lens[rows],
-            mamba={i: (c[rows], s[rows]) for i, (c, s) in self.mamba.items()},
+            kv={i: kv.select(rows) for i, kv in self.kv.items()},
+            kv_lens=self.kv_lens[rows.to(self.kv_lens.device)],
+            mamba={
+                i: state.select(rows) if isinstance(state, MambaSlots) else _rows(state, rows)
+                for i, state in self.mamba.items()
+            },
         )
 
-    def key_mask(
-        self, block_lens: torch.Tensor, size: int, device: torch.device
-    ) -> torch.Tensor | None:
-        """``[B, P + size]``: the keys each row may attend to, its context then its block.
+    def mamba_states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s ``(conv, ssm)`` states of the batch."""
+        state = self.mamba[layer]
+        return state.read() if isinstance(state, MambaSlots) else state
 
-        Built once per pass, on the pass's device (every attention layer shares it); ``None``
-        when there is no attention layer.
-        """
-        if not self.kv:
-            return None
-        padded = next(iter(self.kv.values()))[0].shape[1]
-        context = torch.arange(padded, device=device)[None, :] < self.kv_lens.to(device)[:, None]
-        block = torch.arange(size, device=device)[None, :] < block_lens.to(device)[:, None]
-        return torch.cat([context, block], dim=1)
+
+def _rows(
+    state: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    conv, ssm = state
+    return conv[rows.to(conv.device)], ssm[rows.to(ssm.device)]
 
 
 @dataclass(frozen=True)
@@ -98,7 +126,6 @@ def run_layers(
     feed-forward layers per token, so trailing padding cannot reach real positions).
     """
     batch, size, _ = x.shape
-    key_mask = context.key_mask(block_lens, size, x.device)
     states: MambaStates = {}
     for i, layer in enumerate(layers):
         mod = modulation[i][:, :, None, :] if modulation is not None else None  # [B, 3, 1, H]
@@ -112,9 +139,9 @@ def run_layers(
         else:
             h = layer.norm(x) * (1 + mod[:, 1]) + mod[:, 0]
         if isinstance(layer, NemotronHMambaDecoderLayer):
-            out, states[i] = _mamba(layer.mixer, h, *context.mamba[i], mamba_options)
+            out, states[i] = _mamba(layer.mixer, h, *context.mamba_states(i), mamba_options)
         elif isinstance(layer, NemotronHAttentionDecoderLayer):
-            out = _attention(layer.mixer, h, *context.kv[i], key_mask, causal)
+            out = _attention(layer.mixer, h, context.kv[i], context.kv_lens, block_lens, causal)
         else:
             out = layer.mixer(h.reshape(batch * size, -1)).view_as(h)
         x = x + (mod[:, 2] * out if mod is not None else out)
@@ -124,15 +151,16 @@ def run_layers(
 def _attention(
     mixer: nn.Module,
     h: torch.Tensor,
-    ctx_k: torch.Tensor,
-    ctx_v: torch.Tensor,
-    key_mask: torch.Tensor,
+    context: PagedKV,
+    kv_lens: torch.Tensor,
+    block_lens: torch.Tensor,
     causal: bool,
 ) -> torch.Tensor:
     """Joint attention of every row's block over its context and its block, in one call.
 
-    Keys are ``concat(context padded to P, block)``; ``key_mask`` (see
-    :meth:`BlockContext.key_mask`) masks out each row's padding.
+    The context is read in place from vLLM's paged cache
+    (:func:`~vllm_twotower.ops.paged_attention.paged_block_attention`); row ``b`` sees its
+    first ``kv_lens[b]`` context keys and first ``block_lens[b]`` block keys.
     """
     batch, size, _ = h.shape
     view = vi.attention_mixer_view(mixer)
@@ -141,9 +169,9 @@ def _attention(
     q = q.view(batch, size, view.num_heads, view.head_dim)
     k = k.view(batch, size, view.num_kv_heads, view.head_dim)
     v = v.view(batch, size, view.num_kv_heads, view.head_dim)
-    keys = torch.cat([ctx_k.to(k.dtype), k], dim=1)
-    values = torch.cat([ctx_v.to(v.dtype), v], dim=1)
-    out = attend(q, keys, values, causal=causal, scale=view.scaling, key_mask=key_mask)
+    out = paged_block_attention(
+        q, k, v, context, kv_lens, block_lens, scale=view.scaling, causal=causal
+    )
     result, _ = view.o_proj(out.reshape(batch * size, -1))
     return result.view(batch, size, -1)
 
