@@ -27,12 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fuzzer's strategies live with the tests that use them
 from tests.fuzz.hostile import Fuzzer, GoodTraffic, Limits, good_bodies  # noqa: E402
 
+#: The plugin's 400 for lone surrogates (vLLM's own front end answers them 500).
+GUARD = "vllm_twotower.engine.text_guard.RefuseUnencodableText"
+
 
 def server_command(checkpoint: Path, port: int) -> list[str]:
     """The API server on ``checkpoint`` with the embedded engine arguments as options."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
             str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-            *server_flags()]  # fmt: skip
+            "--middleware", GUARD, *server_flags()]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -81,7 +84,6 @@ def main() -> int:
     report = fuzzer.report
     print(json.dumps({
         "hostile_requests": report.sent, "refused_4xx": report.refused,
-        "known_vllm_frontend_5xx": report.known_vllm_5xx,
         "statuses": dict(sorted(report.statuses.items())), "rounds": round_,
         "good_requests": good.sent, "failures": failures,
     }, indent=2))  # fmt: skip

@@ -264,7 +264,7 @@ def target(args: argparse.Namespace, log: Path) -> Iterator[tuple[str, int | Non
         "--max-num-seqs",
         str(max(args.concurrency, 8)),
     ]
-    os.environ["VLLM_PLUGINS"] = "twotower,twotower_stats"  # the server inherits it
+    os.environ["VLLM_PLUGINS"] = "twotower,twotower_stats,twotower_guard"  # the server inherits it
     with server(cmd, port, log, lambda: None):
         pids = [
             p.pid

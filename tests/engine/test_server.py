@@ -46,8 +46,9 @@ def free_port() -> int:
 #: Engine sizing flags of every test server: nothing TwoTower-specific is needed.
 ENGINE_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024",
                 "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05"]  # fmt: skip
-#: VLLM_PLUGINS opts in to the endpoint plugin; it is also the general plugins' allowlist.
-PLUGINS_ENV = {"VLLM_PLUGINS": "twotower,twotower_stats"}
+#: VLLM_PLUGINS opts in to the endpoint plugins (stats, and the guard that answers a lone
+#: surrogate with 400 instead of vLLM's 500); it is also the general plugins' allowlist.
+PLUGINS_ENV = {"VLLM_PLUGINS": "twotower,twotower_stats,twotower_guard"}
 
 
 @contextlib.contextmanager
@@ -240,6 +241,28 @@ def test_engine_killers_are_400_and_the_engine_keeps_serving(
     after = complete(server, vllm_xargs={"mode": "mask_diffusion"}, return_token_ids=True)
     assert after.status_code == 200, after.text
     assert after.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, "mask_diffusion")
+
+
+def test_lone_surrogates_are_400_naming_the_field(server: str, tiny_checkpoint: Path) -> None:
+    """vLLM's own front end answers these 500 (tokenizer / transport); the guard, 400."""
+    model = requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]["id"]
+    cases = {
+        "/v1/completions": [({"prompt": "copy(\ud800)="}, "prompt"),
+                            ({"prompt": PROMPT, "bad_words": ["\udc00"]}, "bad_words[0]"),
+                            ({"prompt": PROMPT, "request_id": "r\ud800"}, "request_id")],
+        "/v1/chat/completions": [({"messages": [{"role": "user", "content": "\ud83d"}]},
+                                  "messages[0].content")],
+    }  # fmt: skip
+    for path, bodies in cases.items():
+        for body, field in bodies:
+            data = json.dumps({"model": model, "max_tokens": 4, **body})
+            response = requests.post(f"{server}{path}", data=data, timeout=60,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+            assert response.status_code == 400, (body, response.text)
+            assert response.json()["error"]["param"] == field, response.text
+    good = complete(server, vllm_xargs={"mode": "ar"}, return_token_ids=True)
+    assert good.status_code == 200, good.text
+    assert good.json()["choices"][0]["token_ids"] == reference(tiny_checkpoint, "ar")
 
 
 def test_prompts_longer_than_a_cache_block_are_served_exactly(

@@ -275,32 +275,6 @@ def good_bodies(model: str, max_block_size: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def has_lone_surrogate(value: object) -> bool:
-    """Whether ``value`` holds a string with a lone UTF-16 surrogate (JSON can carry one)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(has_lone_surrogate(v) for v in value)
-    return False
-
-
-def known_vllm_frontend_5xx(request: Hostile) -> bool:
-    """A 5xx that vLLM 0.32's frontend gives before the plugin sees the request.
-
-    A lone surrogate in a text prompt, ``bad_words`` or ``request_id`` reaches the tokenizer
-    (``TypeError: TextEncodeInput must be ...``) or the engine transport and is answered 500
-    for that request alone; the engine and every other request are unaffected (the fuzzer
-    still checks that).  Listed in docs/reliability.md as open and counted apart, not hidden.
-    """
-    return has_lone_surrogate(request.body)
-
-
 @dataclass
 class Report:
     """What one fuzzing run did and found."""
@@ -308,8 +282,6 @@ class Report:
     sent: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
-    #: 5xx answers of :func:`known_vllm_frontend_5xx` requests (vLLM's, reported apart).
-    known_vllm_5xx: int = 0
 
     @property
     def refused(self) -> int:
@@ -340,9 +312,6 @@ class Fuzzer:
             for t in threads:
                 self.report.sent += 1
                 self.report.statuses[t.status] += 1
-                if t.status >= 500 and t.status != 599 and known_vllm_frontend_5xx(t.request):
-                    self.report.known_vllm_5xx += 1
-                    continue
                 assert t.status < 500, f"{t.status} for {t.request!r}: {t.error}"
             health = requests.get(f"{self.base}/health", timeout=TIMEOUT_S)
             assert health.status_code == 200, f"server unhealthy after {batch!r}"

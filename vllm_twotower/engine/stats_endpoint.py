@@ -237,7 +237,8 @@ def install_collector(source: StatsSource) -> None:
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
     """An error in the OpenAI server's shape (``{"error": {message, type, param, code}}``)."""
-    kind = {404: "NotFoundError", 503: "ServiceUnavailableError"}.get(status, "Error")
+    kinds = {400: "BadRequestError", 404: "NotFoundError", 503: "ServiceUnavailableError"}
+    kind = kinds.get(status, "Error")
     body = {"message": message, "type": kind, "param": param, "code": status}
     return JSONResponse({"error": body}, status_code=status)
 
