@@ -30,7 +30,7 @@ def refused_examples() -> dict[str, Any]:
     from vllm.sampling_params import StructuredOutputsParams
 
     return {
-        "top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5,
+        "presence_penalty": 0.5,
         "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {5: 2.0},
         "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
         "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
@@ -75,8 +75,9 @@ def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
     model = tmp_path / "nucleus"
     shutil.copytree(tiny_checkpoint, model)
     generation = json.loads((model / "generation_config.json").read_text())
-    (model / "generation_config.json").write_text(json.dumps({**generation, "top_p": 0.95}))
+    penalty = {**generation, "repetition_penalty": 1.1}
+    (model / "generation_config.json").write_text(json.dumps(penalty))
     with pytest.raises(
-        ValueError, match=r"generation_config: top_p=0\.95 .*--generation-config vllm"
+        ValueError, match=r"generation_config: repetition_penalty=1\.1 .*--generation-config vllm"
     ):
         engine_config(model)

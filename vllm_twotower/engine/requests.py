@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from vllm.sampling_params import SamplingParams
 
-from vllm_twotower.commit import fold_seed
+from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.params import MASK_DIFFUSION, MODES
 
@@ -100,6 +100,10 @@ class RequestTable:
         self.threshold = extend(None if first else self.threshold, f32)
         self.temperature = extend(None if first else self.temperature, f32)
         self.seed = extend(None if first else self.seed, long)
+        #: vLLM's min_p / top_k / top_p (commit.sampling_cutoff); 0, 0, 1 filter nothing
+        self.top_k = extend(None if first else self.top_k, long)
+        self.top_p = extend(None if first else self.top_p, torch.float64)
+        self.min_p = extend(None if first else self.min_p, torch.float64)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
@@ -132,8 +136,15 @@ class RequestTable:
         self.temperature[slot] = temperature
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(64)
         self.seed[slot] = fold_seed(seed)
+        self.top_k[slot] = max(sp.top_k, 0)  # vLLM: 0 and -1 both mean off
+        self.top_p[slot] = sp.top_p
+        self.min_p[slot] = sp.min_p
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
         return slot
+
+    def filters(self, slots: torch.Tensor) -> SamplingFilters:
+        """The sampling filters of ``slots`` (applied only where a row samples)."""
+        return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
 
     def _stats_of(self, slot: int) -> RequestStats:
         return RequestStats(

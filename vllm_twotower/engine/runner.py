@@ -206,6 +206,7 @@ class TwoTowerRunnerMixin:
             mask_id=None,
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
+            filters=table.filters(slots).to(logits.device),
         )
         self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu().to(torch.int32)
@@ -222,6 +223,7 @@ class TwoTowerRunnerMixin:
             mask_id=None,
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
+            filters=table.filters(slots).to(device),
         )
         self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu()
@@ -260,6 +262,7 @@ class TwoTowerRunnerMixin:
             "block_start": block_start,
         }
         setting = {name: value.to(device) for name, value in setting.items()}
+        filters = table.filters(slots).to(device)
         step = torch.zeros(rows.numel(), dtype=torch.long, device=device)
         model = self.get_model()
         active = torch.ones(rows.numel(), dtype=torch.bool, device=device)
@@ -281,6 +284,7 @@ class TwoTowerRunnerMixin:
                 temperature=row["temperature"],
                 seed=row["seed"],
                 block_start=row["block_start"],
+                filters=filters.select(idx),
             )
             if self._tt_logprobs is not None:  # each token from the pass that decided it
                 decided = torch.nonzero((sub == mask_id) & (result.canvas != mask_id))

@@ -1,9 +1,9 @@
 """Every ``SamplingParams`` field, classified: honoured by the TwoTower engine, or refused.
 
 The block step chooses every token (in each mode, ``ar`` included) with the commit rule
-(:mod:`vllm_twotower.commit`: temperature and position-keyed Gumbel noise over the full
-vocabulary), not with vLLM's sampler.  So what vLLM implements *inside* its sampler or its
-logits processors (nucleus / top-k / min-p filtering, penalties, logit bias, allowed and bad
+(:mod:`vllm_twotower.commit`: temperature, vLLM's ``min_p`` / ``top_k`` / ``top_p`` filters
+and position-keyed Gumbel noise), not with vLLM's sampler.  So what vLLM implements *inside*
+its sampler or its logits processors beyond those (penalties, logit bias, allowed and bad
 words, ``min_tokens``' EOS suppression, structured outputs) would not be applied.  Instead
 of silently ignoring such a field, admission refuses a request that sets it to anything but
 its neutral value, with a message naming the field (HTTP 400 from the server).
@@ -54,6 +54,9 @@ FIELDS: Mapping[str, Field] = {
     "n": Field(HONOURED, "vLLM's front end (n child requests, each with its own noise seed)"),
     "temperature": Field(HONOURED, "the commit rule (0 = greedy)"),
     "seed": Field(HONOURED, "the commit rule's position-keyed noise"),
+    "top_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "top_k": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "min_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -76,9 +79,6 @@ FIELDS: Mapping[str, Field] = {
     "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
     # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
-    "top_p": Field(REFUSED, _SAMPLER, _equals(1.0)),
-    "top_k": Field(REFUSED, _SAMPLER, _equals(0, -1)),
-    "min_p": Field(REFUSED, _SAMPLER, _equals(0.0)),
     "presence_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
     "frequency_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
     "repetition_penalty": Field(REFUSED, _SAMPLER, _equals(1.0)),

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_twotower.commit import commit_step, fold_seed, noise_row_keys, predict, token_logprobs
+from vllm_twotower.commit import (
+    SamplingFilters,
+    commit_step,
+    fold_seed,
+    noise_row_keys,
+    predict,
+    token_logprobs,
+)
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, TwoTowerParams
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
@@ -34,6 +41,19 @@ class SamplingSpec:
     temperature: float = 0.0
     seed: int = 0
     ignore_eos: bool = False
+    #: vLLM's filters of the sampled distribution (:func:`~vllm_twotower.commit.sampling_cutoff`)
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def filters(self, rows: int = 1) -> SamplingFilters:
+        """These filters for ``rows`` rows (``rows = 0``: one row, unbatched)."""
+        shape = (rows,) if rows else ()
+        return SamplingFilters(
+            torch.full(shape, max(self.top_k, 0), dtype=torch.int64),
+            torch.full(shape, self.top_p, dtype=torch.float64),
+            torch.full(shape, self.min_p, dtype=torch.float64),
+        )
 
 
 @dataclass
@@ -112,7 +132,11 @@ def _emit_next(
         torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
     )
     token, _ = predict(
-        logits, mask_id=None, temperature=torch.tensor(sampling.temperature), row_keys=keys
+        logits,
+        mask_id=None,
+        temperature=torch.tensor(sampling.temperature),
+        row_keys=keys,
+        filters=sampling.filters(rows=0).to(logits.device),
     )
     result.output_ids.append(int(token))
     result.logprobs.append(float(token_logprobs(logits, mask_id=None)[token]))
@@ -164,6 +188,7 @@ def fill_blocks(
     device: torch.device,
     temperature: float = 0.0,
     seed: int = 0,
+    filters: SamplingFilters | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
 
@@ -195,6 +220,7 @@ def fill_blocks(
             temperature=per_row(temperature, torch.float32),
             seed=per_row(seed, torch.long),
             block_start=per_row(block_start, torch.long),
+            filters=filters,
         )
         decided = (canvas == mask_id) & (committed.canvas != mask_id)
         chosen = token_logprobs(logits, mask_id=mask_id).gather(-1, committed.canvas[..., None])
@@ -227,6 +253,7 @@ def denoise_block(
         device=model.device,
         temperature=sampling.temperature,
         seed=fold_seed(sampling.seed),
+        filters=sampling.filters(rows=1).to(model.device),
     )
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
