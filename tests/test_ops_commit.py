@@ -68,10 +68,13 @@ def random_filters(gen: torch.Generator, batch: int, vocab: int) -> commit.Sampl
     def on() -> torch.Tensor:
         return torch.rand(batch, generator=gen) < 0.5
 
+    def uniform() -> torch.Tensor:
+        return torch.rand(batch, generator=gen, dtype=torch.float64)
+
     top_k = torch.where(on(), torch.randint(1, vocab + 3, (batch,), generator=gen), 0)
-    top_p = torch.where(on(), torch.rand(batch, generator=gen, dtype=torch.float64) * 0.95 + 0.05, 1)
-    min_p = torch.where(on(), torch.rand(batch, generator=gen, dtype=torch.float64) * 0.5, 0)
-    return commit.SamplingFilters(top_k, top_p.double(), min_p.double())
+    top_p = torch.where(on(), uniform() * 0.95 + 0.05, 1.0)
+    min_p = torch.where(on(), uniform() * 0.5, 0.0)
+    return commit.SamplingFilters(top_k, top_p, min_p)
 
 
 def assert_same(

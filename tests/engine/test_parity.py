@@ -29,6 +29,8 @@ class Case:
     temperature: float = 0.0
     seed: int = 0
     logprobs: int | None = None
+    #: vLLM's top_k / top_p / min_p (only sampled cases)
+    filters: tuple[tuple[str, float], ...] = ()
 
 
 CASES = [
@@ -45,6 +47,11 @@ CASES = [
     Case(129, {"block_size": 4, "steps_per_block": 2, "confidence_threshold": 1.0}),
     Case(64, {}, max_tokens=32),  # prompt of whole scheduler chunks and whole blocks
     Case(32, {"mode": "ar"}, max_tokens=16),
+    # Seeded sampling through vLLM's filters, in every mode.
+    Case(9, {"mode": "ar"}, 24, 1.3, 21, 2, (("top_k", 5), ("top_p", 0.8))),
+    Case(40, {}, 24, 1.2, 22, 1, (("min_p", 0.1), ("top_p", 0.9))),
+    Case(12, {"mode": "mock_ar"}, 12, 1.5, 23, None, (("top_k", 3), ("min_p", 0.05))),
+    Case(25, {"block_size": 8}, 16, 2.0, 24, None, (("top_k", 2),)),
 ]
 
 
@@ -74,7 +81,10 @@ def reference_results(model: TwoTowerModel, prompts, cases):
         )
         sampling.append(
             SamplingSpec(
-                max_new_tokens=case.max_tokens, temperature=case.temperature, seed=case.seed
+                max_new_tokens=case.max_tokens,
+                temperature=case.temperature,
+                seed=case.seed,
+                **dict(case.filters),
             )
         )
     return generate(model, prompts, params, sampling)
@@ -106,6 +116,7 @@ def engine_generate(llm, prompts, cases, n: int = 1):
             extra_args=c.extra_args,
             logprobs=c.logprobs,
             n=n,
+            **dict(c.filters),
         )
         for c in cases
     ]
@@ -130,6 +141,18 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
         assert entry["mode"] == case.extra_args.get("mode", "mask_diffusion")
     aggregate = llm.collective_rpc("twotower_stats")[0]["aggregate"]
     assert aggregate["tokens_per_nfe"] >= 1.0 and aggregate["steps_per_block"] >= 1.0
+
+
+def test_filters_change_what_the_reference_draws(tiny_checkpoint: Path) -> None:
+    """The filtered cases above are not vacuous: without their filters the reference draws
+    other tokens (so an engine that ignored them would fail the parity test)."""
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    filtered = [c for c in CASES if c.filters]
+    prompts = [prompt_ids(c.prompt_len, CASES.index(c)) for c in filtered]
+    unfiltered = [Case(**{**vars(c), "filters": ()}) for c in filtered]
+    with_filters = reference_outputs(model, prompts, filtered)
+    without = reference_outputs(model, prompts, unfiltered)
+    assert all(a != b for a, b in zip(with_filters, without, strict=True))
 
 
 def check_logprobs(output, expected: list[float], num_logprobs: int) -> None:
