@@ -29,8 +29,14 @@ class Case:
     temperature: float = 0.0
     seed: int = 0
     logprobs: int | None = None
-    #: vLLM's top_k / top_p / min_p (only sampled cases)
-    filters: tuple[tuple[str, float], ...] = ()
+    #: vLLM's filters, penalties and logit bias (SamplingSpec's and SamplingParams' names)
+    knobs: tuple[tuple[str, object], ...] = ()
+
+    def sampling_params_knobs(self) -> dict:
+        knobs = dict(self.knobs)
+        if "logit_bias" in knobs:
+            knobs["logit_bias"] = dict(knobs["logit_bias"])
+        return knobs
 
 
 CASES = [
@@ -52,6 +58,27 @@ CASES = [
     Case(40, {}, 24, 1.2, 22, 1, (("min_p", 0.1), ("top_p", 0.9))),
     Case(12, {"mode": "mock_ar"}, 12, 1.5, 23, None, (("top_k", 3), ("min_p", 0.05))),
     Case(25, {"block_size": 8}, 16, 2.0, 24, None, (("top_k", 2),)),
+    # Penalties and logit bias, greedy and sampled, in every mode.
+    Case(
+        11,
+        {"mode": "ar"},
+        20,
+        0.0,
+        0,
+        2,
+        (("repetition_penalty", 1.5), ("logit_bias", ((7, 4.0),))),
+    ),
+    Case(30, {}, 24, 0.0, 0, 1, (("presence_penalty", 1.5), ("frequency_penalty", 0.8))),
+    Case(
+        8,
+        {"mode": "mock_ar"},
+        12,
+        0.9,
+        25,
+        None,
+        (("frequency_penalty", 1.0), ("logit_bias", ((9, 3.0), (12, -5.0)))),
+    ),
+    Case(45, {"block_size": 8}, 16, 1.1, 26, None, (("repetition_penalty", 1.3), ("top_k", 4))),
 ]
 
 
@@ -84,7 +111,7 @@ def reference_results(model: TwoTowerModel, prompts, cases):
                 max_new_tokens=case.max_tokens,
                 temperature=case.temperature,
                 seed=case.seed,
-                **dict(case.filters),
+                **dict(case.knobs),
             )
         )
     return generate(model, prompts, params, sampling)
@@ -116,7 +143,7 @@ def engine_generate(llm, prompts, cases, n: int = 1):
             extra_args=c.extra_args,
             logprobs=c.logprobs,
             n=n,
-            **dict(c.filters),
+            **c.sampling_params_knobs(),
         )
         for c in cases
     ]
@@ -143,13 +170,13 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
     assert aggregate["tokens_per_nfe"] >= 1.0 and aggregate["steps_per_block"] >= 1.0
 
 
-def test_filters_change_what_the_reference_draws(tiny_checkpoint: Path) -> None:
-    """The filtered cases above are not vacuous: without their filters the reference draws
-    other tokens (so an engine that ignored them would fail the parity test)."""
+def test_knobs_change_what_the_reference_draws(tiny_checkpoint: Path) -> None:
+    """The cases above with filters, penalties or bias are not vacuous: without them the
+    reference draws other tokens (so an engine that ignored them would fail the parity test)."""
     model = TwoTowerModel.from_pretrained(tiny_checkpoint)
-    filtered = [c for c in CASES if c.filters]
+    filtered = [c for c in CASES if c.knobs]
     prompts = [prompt_ids(c.prompt_len, CASES.index(c)) for c in filtered]
-    unfiltered = [Case(**{**vars(c), "filters": ()}) for c in filtered]
+    unfiltered = [Case(**{**vars(c), "knobs": ()}) for c in filtered]
     with_filters = reference_outputs(model, prompts, filtered)
     without = reference_outputs(model, prompts, unfiltered)
     assert all(a != b for a, b in zip(with_filters, without, strict=True))

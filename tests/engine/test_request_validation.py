@@ -54,8 +54,8 @@ def test_validator_hook_rejects_at_admission() -> None:
         TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"block_size": -1}))
     TwoTowerParamsValidator.validate_params(SamplingParams(logprobs=2))  # honoured
     TwoTowerParamsValidator.validate_params(SamplingParams(temperature=0.8, top_p=0.5))
-    with pytest.raises(ValueError, match="presence_penalty"):
-        TwoTowerParamsValidator.validate_params(SamplingParams(presence_penalty=0.5))
+    with pytest.raises(ValueError, match="bad_words"):
+        TwoTowerParamsValidator.validate_params(SamplingParams(bad_words=["AB"]))
     from vllm.sampling_params import StructuredOutputsParams
 
     guided = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))

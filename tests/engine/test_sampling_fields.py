@@ -30,8 +30,6 @@ def refused_examples() -> dict[str, Any]:
     from vllm.sampling_params import StructuredOutputsParams
 
     return {
-        "presence_penalty": 0.5,
-        "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {5: 2.0},
         "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
         "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
@@ -70,14 +68,18 @@ def test_neutral_values_of_refused_fields_are_accepted() -> None:
 def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
+    """vLLM 0.32 reads only honoured fields from generation_config.json (penalties, filters,
+    temperature, max_new_tokens): they start.  The guard refuses any other a later vLLM reads."""
     from tests.engine.test_runner_selection import engine_config
+    from vllm_twotower.engine.config_hook import refuse_unsupported_generation_defaults
 
-    model = tmp_path / "nucleus"
+    model = tmp_path / "penalised"
     shutil.copytree(tiny_checkpoint, model)
     generation = json.loads((model / "generation_config.json").read_text())
-    penalty = {**generation, "repetition_penalty": 1.1}
-    (model / "generation_config.json").write_text(json.dumps(penalty))
+    honoured = {"repetition_penalty": 1.1, "top_p": 0.95}
+    (model / "generation_config.json").write_text(json.dumps({**generation, **honoured}))
+    engine_config(model)
     with pytest.raises(
-        ValueError, match=r"generation_config: repetition_penalty=1\.1 .*--generation-config vllm"
+        ValueError, match=r"generation_config: min_tokens=2 .*--generation-config vllm"
     ):
-        engine_config(model)
+        refuse_unsupported_generation_defaults({"min_tokens": 2, "top_p": 0.95})

@@ -18,6 +18,7 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
 from vllm_twotower.params import MASK_DIFFUSION, MODES
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
@@ -104,12 +105,29 @@ class RequestTable:
         self.top_k = extend(None if first else self.top_k, long)
         self.top_p = extend(None if first else self.top_p, torch.float64)
         self.min_p = extend(None if first else self.min_p, torch.float64)
+        #: vLLM's penalties (logit_adjust.LogitAdjuster); 0, 0, 1 change nothing
+        self.presence = extend(None if first else self.presence, f32)
+        self.frequency = extend(None if first else self.frequency, f32)
+        self.repetition = extend(None if first else self.repetition, f32)
+        #: each slot's logit_bias entries, [capacity, widest bias so far]; id -1 = unused
+        width = 0 if first else self.bias_ids.shape[1]
+        self.bias_ids = self._resized(None if first else self.bias_ids, capacity, width, -1)
+        self.bias_values = self._resized(None if first else self.bias_values, capacity, width, 0)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
         self.decided = extend(None if first else self.decided, long)
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
+
+    @staticmethod
+    def _resized(old: torch.Tensor | None, rows: int, width: int, fill: float) -> torch.Tensor:
+        """A ``[rows, width]`` copy of ``old`` padded with ``fill`` (int64 ids or float32)."""
+        dtype = torch.int64 if fill == -1 else torch.float32
+        new = torch.full((rows, width), fill, dtype=dtype)
+        if old is not None:
+            new[: old.shape[0], : old.shape[1]] = old
+        return new
 
     def slots(self, req_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
         """Slots of ``req_ids`` (``[R]`` int64), registering requests seen for the first time."""
@@ -139,12 +157,51 @@ class RequestTable:
         self.top_k[slot] = max(sp.top_k, 0)  # vLLM: 0 and -1 both mean off
         self.top_p[slot] = sp.top_p
         self.min_p[slot] = sp.min_p
+        self.presence[slot] = sp.presence_penalty
+        self.frequency[slot] = sp.frequency_penalty
+        self.repetition[slot] = sp.repetition_penalty
+        bias = sp.logit_bias or {}
+        if len(bias) > self.bias_ids.shape[1]:
+            self.bias_ids = self._resized(self.bias_ids, self.capacity, len(bias), -1)
+            self.bias_values = self._resized(self.bias_values, self.capacity, len(bias), 0)
+        self.bias_ids[slot] = -1
+        self.bias_values[slot] = 0
+        self.bias_ids[slot, : len(bias)] = torch.tensor([int(i) for i in bias], dtype=torch.int64)
+        self.bias_values[slot, : len(bias)] = torch.tensor(list(bias.values()))
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
         return slot
 
     def filters(self, slots: torch.Tensor) -> SamplingFilters:
         """The sampling filters of ``slots`` (applied only where a row samples)."""
         return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
+
+    def adjustments_active(self, slots: torch.Tensor) -> torch.Tensor:
+        """Bool per slot: the request sets a logit bias or a penalty."""
+        return adjustments_active(
+            self.presence[slots],
+            self.frequency[slots],
+            self.repetition[slots],
+            self.bias_ids[slots],
+        )
+
+    def adjuster(
+        self,
+        slots: torch.Tensor,
+        vocab_size: int,
+        prompts: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+    ) -> LogitAdjuster:
+        """The bias and penalties of ``slots``, whose token histories are given."""
+        return LogitAdjuster.build(
+            vocab_size,
+            prompts=prompts,
+            outputs=outputs,
+            presence=self.presence[slots],
+            frequency=self.frequency[slots],
+            repetition=self.repetition[slots],
+            bias_ids=self.bias_ids[slots],
+            bias_values=self.bias_values[slots],
+        )
 
     def _stats_of(self, slot: int) -> RequestStats:
         return RequestStats(

@@ -202,7 +202,7 @@ class TwoTowerRunnerMixin:
         table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
-            logits,
+            self._tt_adjusted(logits, rows, slots),
             mask_id=None,
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
@@ -219,7 +219,7 @@ class TwoTowerRunnerMixin:
         device = logits.device
         keys = noise_row_keys(table.seed[slots], seq_lens, torch.zeros_like(seq_lens))
         tokens, _ = predict(
-            logits,
+            self._tt_adjusted(logits, rows, slots),
             mask_id=None,
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
@@ -227,6 +227,33 @@ class TwoTowerRunnerMixin:
         )
         self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu()
+
+    def _tt_adjusted(
+        self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """``logits [R, ..., V]`` of batch ``rows`` with their requests' logit bias and
+        penalties applied (:mod:`vllm_twotower.logit_adjust`); unchanged if none sets any.
+
+        The history is each row's tokens before this step's token or block: its prompt and
+        the output tokens vLLM's input batch holds (``seq_len`` tokens in all).
+        """
+        table = self.tt_requests
+        if not bool(table.adjustments_active(slots).any()):
+            return logits
+        token_ids = vi.row_token_ids(self)
+        prompt_len = vi.prompt_token_counts(self)[rows]
+        seq_len = vi.sequence_lengths(self)[rows]
+        history = [
+            torch.from_numpy(token_ids[int(r), : int(n)].astype("int64"))
+            for r, n in zip(rows, seq_len, strict=True)
+        ]
+        adjust = table.adjuster(
+            slots,
+            logits.shape[-1],
+            prompts=[h[: int(p)] for h, p in zip(history, prompt_len, strict=True)],
+            outputs=[h[int(p) :] for h, p in zip(history, prompt_len, strict=True)],
+        )
+        return adjust.to(logits.device)(logits)
 
     def _tt_record_one_token_per_row(
         self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor
@@ -275,7 +302,7 @@ class TwoTowerRunnerMixin:
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
             logits = model.denoise(sub, rows_context, t, row["block_size"])
             result = commit_step(
-                logits,
+                self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()]),
                 sub,
                 mask_id=mask_id,
                 threshold=row["threshold"],

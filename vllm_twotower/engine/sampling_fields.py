@@ -2,9 +2,10 @@
 
 The block step chooses every token (in each mode, ``ar`` included) with the commit rule
 (:mod:`vllm_twotower.commit`: temperature, vLLM's ``min_p`` / ``top_k`` / ``top_p`` filters
-and position-keyed Gumbel noise), not with vLLM's sampler.  So what vLLM implements *inside*
-its sampler or its logits processors beyond those (penalties, logit bias, allowed and bad
-words, ``min_tokens``' EOS suppression, structured outputs) would not be applied.  Instead
+and position-keyed Gumbel noise) over logits with vLLM's bias and penalties applied
+(:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler.  So what vLLM implements *inside*
+its sampler or its logits processors beyond those (allowed and bad words, ``min_tokens``' EOS
+suppression, structured outputs) would not be applied.  Instead
 of silently ignoring such a field, admission refuses a request that sets it to anything but
 its neutral value, with a message naming the field (HTTP 400 from the server).
 
@@ -48,6 +49,7 @@ class Field:
 
 
 _SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
+_ADJUST = "logit_adjust.LogitAdjuster, on the logits the commit rule chooses from"
 
 FIELDS: Mapping[str, Field] = {
     # Honoured: the commit rule, the scheduler, the front end, the context tower.
@@ -57,6 +59,10 @@ FIELDS: Mapping[str, Field] = {
     "top_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
     "top_k": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
     "min_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "presence_penalty": Field(HONOURED, _ADJUST),
+    "frequency_penalty": Field(HONOURED, _ADJUST),
+    "repetition_penalty": Field(HONOURED, _ADJUST),
+    "logit_bias": Field(HONOURED, _ADJUST),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -79,10 +85,6 @@ FIELDS: Mapping[str, Field] = {
     "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
     # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
-    "presence_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
-    "frequency_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
-    "repetition_penalty": Field(REFUSED, _SAMPLER, _equals(1.0)),
-    "logit_bias": Field(REFUSED, _SAMPLER, _empty),
     "allowed_token_ids": Field(REFUSED, _SAMPLER, _empty),
     "bad_words": Field(REFUSED, _SAMPLER, _empty),
     "min_tokens": Field(
