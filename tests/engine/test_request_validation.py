@@ -58,7 +58,10 @@ def test_validator_hook_rejects_at_admission() -> None:
         TwoTowerParamsValidator.validate_params(SamplingParams(bad_words=["AB"]))
     from vllm.sampling_params import StructuredOutputsParams
 
-    guided = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
+    guided = SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex="a+"),
+        extra_args={"mode": "mask_diffusion"},
+    )
     with pytest.raises(ValueError, match="structured_outputs"):
         TwoTowerParamsValidator.validate_params(guided)
 

@@ -27,11 +27,10 @@ def sampling_params_fields() -> set[str]:
 
 def refused_examples() -> dict[str, Any]:
     """A value that would change the output, for every refused field."""
-    from vllm.sampling_params import StructuredOutputsParams
 
     return {
         "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
-        "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
+        "logprob_token_ids": [5],
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,
     }  # fmt: skip
@@ -53,6 +52,23 @@ def test_every_refused_field_is_refused_naming_it() -> None:
         with pytest.raises(ValueError, match=rf"^{name}=") as error:
             TwoTowerParamsValidator.validate_params(params)
         assert "not supported by the TwoTower engine" in str(error.value)
+
+
+def test_structured_outputs_only_in_one_token_modes() -> None:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for mode in ("ar", "mock_ar"):
+        TwoTowerParamsValidator.validate_params(
+            SamplingParams(
+                structured_outputs=StructuredOutputsParams(regex="a+"), extra_args={"mode": mode}
+            )
+        )
+    guided = SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex="a+"),
+        extra_args={"mode": "mask_diffusion"},
+    )
+    with pytest.raises(ValueError, match=r'^structured_outputs=.*"mode": "ar"'):
+        TwoTowerParamsValidator.validate_params(guided)
 
 
 def test_neutral_values_of_refused_fields_are_accepted() -> None:

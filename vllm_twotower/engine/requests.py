@@ -109,6 +109,8 @@ class RequestTable:
         self.presence = extend(None if first else self.presence, f32)
         self.frequency = extend(None if first else self.frequency, f32)
         self.repetition = extend(None if first else self.repetition, f32)
+        #: the request has structured outputs (vLLM's grammar bitmask; ar and mock_ar only)
+        self.structured = extend(None if first else self.structured, torch.bool)
         #: each slot's logit_bias entries, [capacity, widest bias so far]; id -1 = unused
         width = 0 if first else self.bias_ids.shape[1]
         self.bias_ids = self._resized(None if first else self.bias_ids, capacity, width, -1)
@@ -160,6 +162,7 @@ class RequestTable:
         self.presence[slot] = sp.presence_penalty
         self.frequency[slot] = sp.frequency_penalty
         self.repetition[slot] = sp.repetition_penalty
+        self.structured[slot] = sp.structured_outputs is not None
         bias = sp.logit_bias or {}
         if len(bias) > self.bias_ids.shape[1]:
             self.bias_ids = self._resized(self.bias_ids, self.capacity, len(bias), -1)

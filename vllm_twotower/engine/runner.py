@@ -137,7 +137,9 @@ class TwoTowerRunnerMixin:
             out[diffusion_rows] = blocks.to(torch.int32)
         mock_rows = torch.nonzero(live & (mode == MOCK_AR)).flatten()
         if mock_rows.numel():
-            out[mock_rows, 0] = self._sample_mock_ar(mock_rows, slots[mock_rows], seq_lens)
+            out[mock_rows, 0] = self._sample_mock_ar(
+                mock_rows, slots[mock_rows], seq_lens, logits[mock_rows]
+            )
 
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
@@ -166,9 +168,16 @@ class TwoTowerRunnerMixin:
 
     @torch.inference_mode()
     def _sample_mock_ar(
-        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        context_logits: torch.Tensor,
     ) -> torch.Tensor:
         """Mock-AR: the denoiser on the last token over the context *before* it, no ``t``.
+
+        ``context_logits`` are the context tower's for the same next token, which carry vLLM's
+        grammar bitmask for rows with structured outputs (see :meth:`_tt_adjusted`).
 
         The keys/values before the last token are the cache's first ``seq_len - 1``; the
         Mamba states before it are the states kept before this step's context pass, carried
@@ -202,7 +211,7 @@ class TwoTowerRunnerMixin:
         table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
-            self._tt_adjusted(logits, rows, slots),
+            self._tt_adjusted(logits, rows, slots, context_logits),
             mask_id=None,
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
@@ -229,15 +238,30 @@ class TwoTowerRunnerMixin:
         return tokens.cpu()
 
     def _tt_adjusted(
-        self, logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        grammar_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``logits [R, ..., V]`` of batch ``rows`` with their requests' logit bias and
         penalties applied (:mod:`vllm_twotower.logit_adjust`); unchanged if none sets any.
 
         The history is each row's tokens before this step's token or block: its prompt and
         the output tokens vLLM's input batch holds (``seq_len`` tokens in all).
+
+        Structured outputs: vLLM's ``sample_tokens`` applies the scheduler's grammar bitmask
+        in place to the context tower's logits before it calls ``_sample`` (xgrammar sets the
+        disallowed ids to ``-inf``), so ``ar`` rows arrive constrained.  ``grammar_logits``
+        (those context logits, for logits of another tower: mock-AR's denoiser) carry the
+        bitmask over: a structured row may not choose an id that is ``-inf`` there.
         """
         table = self.tt_requests
+        if grammar_logits is not None:
+            structured = table.structured[slots].to(logits.device)
+            if bool(structured.any()):
+                banned = structured[:, None] & (grammar_logits == float("-inf"))
+                logits = logits.masked_fill(banned, float("-inf"))
         if not bool(table.adjustments_active(slots).any()):
             return logits
         token_ids = vi.row_token_ids(self)

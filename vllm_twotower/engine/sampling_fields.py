@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_twotower.params import AR, MOCK_AR, MODES
+
 HONOURED, REFUSED, INTERNAL = "honoured", "refused", "internal"
 
 
@@ -45,7 +47,16 @@ class Field:
 
     handling: str  # HONOURED, REFUSED or INTERNAL
     where: str  # who applies it, or why it cannot be applied yet
-    neutral: Callable[[Any], bool] = _unset  # REFUSED: the values that change nothing
+    neutral: Callable[[Any], bool] = _unset  # the values that change nothing
+    #: HONOURED: the modes that apply it; a request of another mode setting it is refused
+    modes: tuple[str, ...] = MODES
+    why_not: str = ""  # HONOURED in some modes: why the others refuse it
+
+    def refused_in(self, mode: str | None) -> bool:
+        """Whether a non-neutral value is refused for a request of ``mode`` (``None``: any)."""
+        if self.handling == HONOURED:
+            return mode is not None and mode not in self.modes
+        return self.handling == REFUSED
 
 
 _SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
@@ -91,7 +102,13 @@ FIELDS: Mapping[str, Field] = {
         REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)
     ),
     "logprob_token_ids": Field(REFUSED, _SAMPLER),
-    "structured_outputs": Field(REFUSED, "vLLM's grammar bitmask, applied in its sampler"),
+    "structured_outputs": Field(
+        HONOURED,
+        "vLLM's grammar bitmask on the logits of the one token a step chooses",
+        modes=(AR, MOCK_AR),
+        why_not="a diffusion block commits tokens out of order, which a left-to-right grammar "
+        'cannot constrain; use "mode": "ar" (or "mock_ar")',
+    ),
     "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),
     "watermarking": Field(REFUSED, "Model Runner V2's sampler (TwoTower runs on V1)"),
     "trace_decode_token_ids": Field(REFUSED, "Model Runner V2's trace replay"),
@@ -107,26 +124,34 @@ FIELDS: Mapping[str, Field] = {
 }
 
 
-def refused_fields(values: Mapping[str, Any]) -> list[str]:
-    """The refused fields that ``values`` sets to something other than a neutral value."""
+def refused_fields(values: Mapping[str, Any], mode: str | None = None) -> list[str]:
+    """The fields refused for ``mode`` (``None``: refused in every mode) that ``values`` sets
+    to something other than a neutral value."""
     return [
         name
         for name, field in FIELDS.items()
-        if field.handling == REFUSED and name in values and not field.neutral(values[name])
+        if field.refused_in(mode) and name in values and not field.neutral(values[name])
     ]
 
 
-def refusal_message(name: str, value: Any) -> str:
+def refusal_message(name: str, value: Any, mode: str | None = None) -> str:
     """Why a request (or a server default) setting ``name`` is refused."""
+    field = FIELDS[name]
+    if field.handling == HONOURED:
+        return (
+            f"{name}={value!r} is not supported in mode {mode!r} by the TwoTower engine "
+            f"(only in {', '.join(repr(m) for m in field.modes)}): {field.why_not} "
+            "(see docs/engine-design.md §5)"
+        )
     return (
         f"{name}={value!r} is not supported by the TwoTower engine: it is applied by "
-        f"{FIELDS[name].where}; leave {name} unset (see docs/engine-design.md §5)"
+        f"{field.where}; leave {name} unset (see docs/engine-design.md §5)"
     )
 
 
-def check_sampling_params(sampling_params: Any) -> None:
-    """Raise ``ValueError`` naming the first refused field a request sets."""
+def check_sampling_params(sampling_params: Any, mode: str) -> None:
+    """Raise ``ValueError`` naming the first field a request of ``mode`` may not set."""
     values = {name: getattr(sampling_params, name, None) for name in FIELDS}
-    refused = refused_fields(values)
+    refused = refused_fields(values, mode)
     if refused:
-        raise ValueError(refusal_message(refused[0], values[refused[0]]))
+        raise ValueError(refusal_message(refused[0], values[refused[0]], mode))
