@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from vllm import SamplingParams
 
 from vllm_twotower.engine.params import TwoTowerParamsValidator
 from vllm_twotower.engine.sampling_fields import FIELDS, HONOURED, INTERNAL, REFUSED
+from vllm_twotower.params import MODES
 
 
 def sampling_params_fields() -> set[str]:
@@ -99,3 +101,24 @@ def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
         ValueError, match=r"generation_config: min_tokens=2 .*--generation-config vllm"
     ):
         refuse_unsupported_generation_defaults({"min_tokens": 2, "top_p": 0.95})
+
+
+def test_the_design_doc_table_lists_every_field_with_its_handling() -> None:
+    """docs/engine-design.md §5: each field in exactly one row, whose handling cell says what
+    FIELDS says (and, for a field honoured in some modes only, names them)."""
+    doc = (Path(__file__).parents[2] / "docs" / "engine-design.md").read_text()
+    section = doc[doc.index("## 5.") : doc.index("## 6.")]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) != 3:
+            continue
+        for name in set(re.findall(r"`([a-z_]+)`", cells[0])):
+            if name in FIELDS:
+                assert name not in rows, f"{name} is in two rows"
+                rows[name] = cells[1]
+    assert rows.keys() == FIELDS.keys()
+    for name, field in FIELDS.items():
+        assert rows[name].startswith(field.handling), (name, rows[name])
+        if field.handling == HONOURED and field.modes != MODES:
+            assert all(f"`{m}`" in rows[name] for m in field.modes), (name, rows[name])
