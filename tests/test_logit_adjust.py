@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
 
 
-def _vllm_adjusted(logits, prompts, outputs, presence, frequency, repetition, bias) -> torch.Tensor:
-    """vLLM's sampler: the logit-bias processor's ``+=``, then ``apply_penalties`` (prompts
-    and outputs padded with ``vocab``, as ``vllm/v1/sample/ops/penalties.py`` pads them)."""
+def _vllm_adjusted(
+    logits, prompts, outputs, presence, frequency, repetition, bias, disallowed
+) -> torch.Tensor:
+    """vLLM's sampler: ``allowed_token_ids_mask``'s ``masked_fill_``, the logit-bias
+    processor's ``+=``, then ``apply_penalties`` (prompts and outputs padded with ``vocab``, as
+    ``vllm/v1/sample/ops/penalties.py`` pads them)."""
     from vllm.model_executor.layers.utils import apply_penalties
 
     vocab = logits.shape[-1]
@@ -23,7 +26,7 @@ def _vllm_adjusted(logits, prompts, outputs, presence, frequency, repetition, bi
             out[i, : r.numel()] = r
         return out
 
-    logits = logits.clone() + bias
+    logits = logits.masked_fill(disallowed, float("-inf")) + bias
     return apply_penalties(
         logits, padded(prompts), padded(outputs), presence, frequency, repetition
     )
@@ -51,6 +54,14 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
     bias_ids[:, 1:] = torch.where(bias_ids[:, 1:] == bias_ids[:, :1], -1, bias_ids[:, 1:])
     bias_ids[:, 2] = torch.where(bias_ids[:, 2] == bias_ids[:, 1], -1, bias_ids[:, 2])
     bias_values = torch.rand(rows, width, generator=g) * 200 - 100
+    allowed_ids = torch.randint(-1, vocab, (rows, 4), generator=g)
+    allowed_ids[:2] = -1  # unrestricted rows
+    disallowed = torch.ones(rows, vocab, dtype=torch.bool)
+    for r in range(rows):
+        listed = [i for i in allowed_ids[r].tolist() if i >= 0]
+        disallowed[r, listed] = False
+        if not listed:
+            disallowed[r] = False
     dense = torch.zeros(rows, vocab)
     for r in range(rows):
         for i, v in zip(bias_ids[r].tolist(), bias_values[r].tolist(), strict=True):
@@ -65,8 +76,11 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
         repetition=repetition,
         bias_ids=bias_ids,
         bias_values=bias_values,
+        allowed_ids=allowed_ids,
     )
-    expected = _vllm_adjusted(logits, prompts, outputs, presence, frequency, repetition, dense)
+    expected = _vllm_adjusted(
+        logits, prompts, outputs, presence, frequency, repetition, dense, disallowed
+    )
     assert torch.equal(adjuster(logits), expected)
     # A diffusion block: one history per row, the same adjustment at every position.
     block = logits[:, None, :].expand(rows, 4, vocab)
@@ -75,7 +89,8 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
 
 def test_neutral_rows_are_inactive_and_unchanged() -> None:
     zeros = torch.zeros(2)
-    active = adjustments_active(zeros, zeros, torch.tensor([1.0, 1.2]), torch.full((2, 1), -1))
+    none = torch.full((2, 1), -1)
+    active = adjustments_active(zeros, zeros, torch.tensor([1.0, 1.2]), none, none)
     assert active.tolist() == [False, True]
     logits = torch.randn(2, 10)
     adjuster = LogitAdjuster.build(
@@ -87,5 +102,6 @@ def test_neutral_rows_are_inactive_and_unchanged() -> None:
         repetition=torch.ones(2),
         bias_ids=torch.full((2, 0), -1),
         bias_values=torch.zeros(2, 0),
+        allowed_ids=torch.full((2, 0), -1),
     )
     assert torch.equal(adjuster(logits), logits)

@@ -1,4 +1,4 @@
-"""Logit bias and presence / frequency / repetition penalties, as vLLM defines them.
+"""Allowed token ids, logit bias and presence / frequency / repetition penalties, as in vLLM.
 
 The one home of how a request's ``logit_bias`` and penalties change the logits its tokens are
 chosen from, shared by the reference and the engine, in every mode: the context tower's logits
@@ -7,7 +7,8 @@ the commit rule (:mod:`vllm_twotower.commit`) then tempers, filters, draws from 
 output logprobs stay those of the unadjusted logits (vLLM's default ``raw_logprobs``).
 
 vLLM's order and definitions (``vllm/v1/sample/sampler.py: apply_logits_processors``, in
-float32): the bias is added (``LogitBiasLogitsProcessor``), then
+float32): ids outside a request's ``allowed_token_ids`` are set to ``-inf``
+(``allowed_token_ids_mask``), the bias is added (``LogitBiasLogitsProcessor``), then
 ``vllm/model_executor/layers/utils.py: apply_penalties``:
 
 * repetition: a token seen in the prompt or the output has its logit multiplied by
@@ -33,7 +34,7 @@ import torch
 
 @dataclass(frozen=True)
 class LogitAdjuster:
-    """The bias and penalties of ``R`` rows with their histories, ready to apply."""
+    """The allowed ids, bias and penalties of ``R`` rows with their histories, to apply."""
 
     bias: torch.Tensor  # [R, V] float32
     presence: torch.Tensor  # [R] float32, 0 = off
@@ -41,6 +42,7 @@ class LogitAdjuster:
     repetition: torch.Tensor  # [R] float32, 1 = off
     seen: torch.Tensor  # [R, V] bool: in the prompt or the output
     output_counts: torch.Tensor  # [R, V] float32: occurrences in the output
+    allowed: torch.Tensor  # [R, V] bool: ids the row may choose (all, without allowed_token_ids)
 
     @classmethod
     def build(
@@ -54,16 +56,22 @@ class LogitAdjuster:
         repetition: torch.Tensor,
         bias_ids: torch.Tensor,
         bias_values: torch.Tensor,
+        allowed_ids: torch.Tensor,
     ) -> LogitAdjuster:
         """Adjuster of rows whose prompt and output token ids are ``prompts[r]`` /
         ``outputs[r]``; ``bias_ids [R, W]`` (``-1``: unused) and ``bias_values [R, W]`` hold
-        each row's ``logit_bias`` entries."""
+        each row's ``logit_bias`` entries, ``allowed_ids [R, A]`` (``-1``: unused) its
+        ``allowed_token_ids`` (none: every id allowed)."""
         rows = len(prompts)
         output_counts = _counts(outputs, vocab_size)
         seen = (_counts(prompts, vocab_size) > 0) | (output_counts > 0)
         bias = torch.zeros(rows, vocab_size + 1)
         used = bias_ids >= 0
         bias.scatter_add_(1, torch.where(used, bias_ids, vocab_size), bias_values.float() * used)
+        listed = allowed_ids >= 0
+        allowed = torch.zeros(rows, vocab_size + 1, dtype=torch.bool)
+        allowed.scatter_(1, torch.where(listed, allowed_ids, vocab_size), True)
+        allowed[~listed.any(-1)] = True
         return cls(
             bias[:, :vocab_size],
             presence.float(),
@@ -71,6 +79,7 @@ class LogitAdjuster:
             repetition.float(),
             seen,
             output_counts,
+            allowed[:, :vocab_size],
         )
 
     def to(self, device: torch.device | str) -> LogitAdjuster:
@@ -88,6 +97,7 @@ class LogitAdjuster:
         def per_row(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(t.shape[0], *extra, *t.shape[1:])
 
+        logits = logits.masked_fill(~per_row(self.allowed), float("-inf"))
         logits = logits + per_row(self.bias)
         penalties = torch.where(per_row(self.seen), per_row(self.repetition[:, None]), 1.0)
         logits = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
@@ -109,6 +119,8 @@ def adjustments_active(
     frequency: torch.Tensor,
     repetition: torch.Tensor,
     bias_ids: torch.Tensor,
+    allowed_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Bool ``[R]``: rows whose bias or penalties change anything."""
-    return (presence != 0) | (frequency != 0) | (repetition != 1) | (bias_ids >= 0).any(-1)
+    """Bool ``[R]``: rows whose allowed ids, bias or penalties change anything."""
+    listed = (bias_ids >= 0).any(-1) | (allowed_ids >= 0).any(-1)
+    return (presence != 0) | (frequency != 0) | (repetition != 1) | listed

@@ -36,6 +36,8 @@ class Case:
         knobs = dict(self.knobs)
         if "logit_bias" in knobs:
             knobs["logit_bias"] = dict(knobs["logit_bias"])
+        if "allowed_token_ids" in knobs:
+            knobs["allowed_token_ids"] = list(knobs["allowed_token_ids"])
         return knobs
 
 
@@ -79,6 +81,9 @@ CASES = [
         (("frequency_penalty", 1.0), ("logit_bias", ((9, 3.0), (12, -5.0)))),
     ),
     Case(45, {"block_size": 8}, 16, 1.1, 26, None, (("repetition_penalty", 1.3), ("top_k", 4))),
+    Case(14, {}, 16, 0.0, 0, 1, (("allowed_token_ids", (5, 9, 17, 30, 41)),)),
+    Case(10, {"mode": "ar"}, 10, 0.7, 28, 1, (("allowed_token_ids", (5, 9, 17, 30)),)),
+    Case(6, {"mode": "mock_ar"}, 8, 1.0, 27, None, (("allowed_token_ids", (5, 9, 17)),)),
 ]
 
 

@@ -31,7 +31,7 @@ def refused_examples() -> dict[str, Any]:
     """A value that would change the output, for every refused field."""
 
     return {
-        "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
+        "bad_words": ["AB"], "min_tokens": 3,
         "logprob_token_ids": [5],
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,

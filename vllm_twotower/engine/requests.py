@@ -115,6 +115,9 @@ class RequestTable:
         width = 0 if first else self.bias_ids.shape[1]
         self.bias_ids = self._resized(None if first else self.bias_ids, capacity, width, -1)
         self.bias_values = self._resized(None if first else self.bias_values, capacity, width, 0)
+        #: each slot's allowed_token_ids, [capacity, longest list so far]; id -1 = unused
+        width = 0 if first else self.allowed_ids.shape[1]
+        self.allowed_ids = self._resized(None if first else self.allowed_ids, capacity, width, -1)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
@@ -171,6 +174,11 @@ class RequestTable:
         self.bias_values[slot] = 0
         self.bias_ids[slot, : len(bias)] = torch.tensor([int(i) for i in bias], dtype=torch.int64)
         self.bias_values[slot, : len(bias)] = torch.tensor(list(bias.values()))
+        allowed = sp.allowed_token_ids or []
+        if len(allowed) > self.allowed_ids.shape[1]:
+            self.allowed_ids = self._resized(self.allowed_ids, self.capacity, len(allowed), -1)
+        self.allowed_ids[slot] = -1
+        self.allowed_ids[slot, : len(allowed)] = torch.tensor(allowed, dtype=torch.int64)
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
         return slot
 
@@ -179,12 +187,13 @@ class RequestTable:
         return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
 
     def adjustments_active(self, slots: torch.Tensor) -> torch.Tensor:
-        """Bool per slot: the request sets a logit bias or a penalty."""
+        """Bool per slot: the request sets a logit bias, a penalty or allowed ids."""
         return adjustments_active(
             self.presence[slots],
             self.frequency[slots],
             self.repetition[slots],
             self.bias_ids[slots],
+            self.allowed_ids[slots],
         )
 
     def adjuster(
@@ -204,6 +213,7 @@ class RequestTable:
             repetition=self.repetition[slots],
             bias_ids=self.bias_ids[slots],
             bias_values=self.bias_values[slots],
+            allowed_ids=self.allowed_ids[slots],
         )
 
     def _stats_of(self, slot: int) -> RequestStats:

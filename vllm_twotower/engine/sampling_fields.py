@@ -2,10 +2,11 @@
 
 The block step chooses every token (in each mode, ``ar`` included) with the commit rule
 (:mod:`vllm_twotower.commit`: temperature, vLLM's ``min_p`` / ``top_k`` / ``top_p`` filters
-and position-keyed Gumbel noise) over logits with vLLM's bias and penalties applied
-(:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler.  So what vLLM implements *inside*
-its sampler or its logits processors beyond those (allowed and bad words, ``min_tokens``' EOS
-suppression, structured outputs) would not be applied.  Instead
+and position-keyed Gumbel noise) over logits with vLLM's allowed ids, bias and penalties
+applied (:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler; structured outputs reach
+it as vLLM's grammar bitmask (``ar`` and ``mock_ar``).  So what vLLM implements *inside* its
+sampler or its logits processors beyond those (bad words, ``min_tokens``' EOS suppression)
+would not be applied.  Instead
 of silently ignoring such a field, admission refuses a request that sets it to anything but
 its neutral value, with a message naming the field (HTTP 400 from the server).
 
@@ -74,6 +75,7 @@ FIELDS: Mapping[str, Field] = {
     "frequency_penalty": Field(HONOURED, _ADJUST),
     "repetition_penalty": Field(HONOURED, _ADJUST),
     "logit_bias": Field(HONOURED, _ADJUST),
+    "allowed_token_ids": Field(HONOURED, _ADJUST),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -96,7 +98,6 @@ FIELDS: Mapping[str, Field] = {
     "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
     # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
-    "allowed_token_ids": Field(REFUSED, _SAMPLER, _empty),
     "bad_words": Field(REFUSED, _SAMPLER, _empty),
     "min_tokens": Field(
         REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)

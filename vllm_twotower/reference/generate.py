@@ -46,11 +46,12 @@ class SamplingSpec:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    #: vLLM's penalties and logit bias (:mod:`vllm_twotower.logit_adjust`)
+    #: vLLM's penalties, logit bias and allowed ids (:mod:`vllm_twotower.logit_adjust`)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
 
     def adjust(
         self, logits: torch.Tensor, prompt: torch.Tensor, output_ids: list[int]
@@ -59,9 +60,11 @@ class SamplingSpec:
         the tokens committed before the token or block they choose."""
         bias_ids = torch.tensor([[i for i, _ in self.logit_bias]], dtype=torch.int64)
         bias_values = torch.tensor([[v for _, v in self.logit_bias]], dtype=torch.float32)
+        allowed_ids = torch.tensor([self.allowed_token_ids], dtype=torch.int64).view(1, -1)
         penalties = [self.presence_penalty, self.frequency_penalty, self.repetition_penalty]
         presence, frequency, repetition = (torch.tensor([p]) for p in penalties)
-        if not bool(adjustments_active(presence, frequency, repetition, bias_ids.view(1, -1))):
+        bias_ids = bias_ids.view(1, -1)
+        if not bool(adjustments_active(presence, frequency, repetition, bias_ids, allowed_ids)):
             return logits
         adjuster = LogitAdjuster.build(
             logits.shape[-1],
@@ -70,8 +73,9 @@ class SamplingSpec:
             presence=presence,
             frequency=frequency,
             repetition=repetition,
-            bias_ids=bias_ids.view(1, -1),
+            bias_ids=bias_ids,
             bias_values=bias_values.view(1, -1),
+            allowed_ids=allowed_ids,
         )
         return adjuster.to(logits.device)(logits[None])[0]
 
