@@ -62,6 +62,12 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
         disallowed[r, listed] = False
         if not listed:
             disallowed[r] = False
+    # vLLM's MinTokensLogitsProcessor: stop ids to -inf while the output is shorter.
+    min_tokens = torch.randint(0, 30, (rows,), generator=g)
+    stop_ids = torch.randint(-1, vocab, (rows, 2), generator=g)
+    for r in range(rows):
+        if len(outputs[r]) < int(min_tokens[r]):
+            disallowed[r, [i for i in stop_ids[r].tolist() if i >= 0]] = True
     dense = torch.zeros(rows, vocab)
     for r in range(rows):
         for i, v in zip(bias_ids[r].tolist(), bias_values[r].tolist(), strict=True):
@@ -77,6 +83,8 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
         bias_ids=bias_ids,
         bias_values=bias_values,
         allowed_ids=allowed_ids,
+        min_tokens=min_tokens,
+        stop_ids=stop_ids,
     )
     expected = _vllm_adjusted(
         logits, prompts, outputs, presence, frequency, repetition, dense, disallowed
@@ -90,7 +98,8 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
 def test_neutral_rows_are_inactive_and_unchanged() -> None:
     zeros = torch.zeros(2)
     none = torch.full((2, 1), -1)
-    active = adjustments_active(zeros, zeros, torch.tensor([1.0, 1.2]), none, none)
+    no_min = torch.zeros(2, dtype=torch.int64)
+    active = adjustments_active(zeros, zeros, torch.tensor([1.0, 1.2]), none, none, no_min)
     assert active.tolist() == [False, True]
     logits = torch.randn(2, 10)
     adjuster = LogitAdjuster.build(
@@ -103,5 +112,7 @@ def test_neutral_rows_are_inactive_and_unchanged() -> None:
         bias_ids=torch.full((2, 0), -1),
         bias_values=torch.zeros(2, 0),
         allowed_ids=torch.full((2, 0), -1),
+        min_tokens=no_min,
+        stop_ids=torch.full((2, 0), -1),
     )
     assert torch.equal(adjuster(logits), logits)

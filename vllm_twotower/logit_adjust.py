@@ -8,7 +8,9 @@ output logprobs stay those of the unadjusted logits (vLLM's default ``raw_logpro
 
 vLLM's order and definitions (``vllm/v1/sample/sampler.py: apply_logits_processors``, in
 float32): ids outside a request's ``allowed_token_ids`` are set to ``-inf``
-(``allowed_token_ids_mask``), the bias is added (``LogitBiasLogitsProcessor``), then
+(``allowed_token_ids_mask``), and so are its stop ids (EOS and ``stop_token_ids``) while its
+output is shorter than ``min_tokens`` (``MinTokensLogitsProcessor``); the bias is added
+(``LogitBiasLogitsProcessor``), then
 ``vllm/model_executor/layers/utils.py: apply_penalties``:
 
 * repetition: a token seen in the prompt or the output has its logit multiplied by
@@ -42,7 +44,8 @@ class LogitAdjuster:
     repetition: torch.Tensor  # [R] float32, 1 = off
     seen: torch.Tensor  # [R, V] bool: in the prompt or the output
     output_counts: torch.Tensor  # [R, V] float32: occurrences in the output
-    allowed: torch.Tensor  # [R, V] bool: ids the row may choose (all, without allowed_token_ids)
+    #: [R, V] bool: ids the row may choose (allowed_token_ids, less stop ids under min_tokens)
+    allowed: torch.Tensor
 
     @classmethod
     def build(
@@ -57,11 +60,14 @@ class LogitAdjuster:
         bias_ids: torch.Tensor,
         bias_values: torch.Tensor,
         allowed_ids: torch.Tensor,
+        min_tokens: torch.Tensor,
+        stop_ids: torch.Tensor,
     ) -> LogitAdjuster:
         """Adjuster of rows whose prompt and output token ids are ``prompts[r]`` /
         ``outputs[r]``; ``bias_ids [R, W]`` (``-1``: unused) and ``bias_values [R, W]`` hold
         each row's ``logit_bias`` entries, ``allowed_ids [R, A]`` (``-1``: unused) its
-        ``allowed_token_ids`` (none: every id allowed)."""
+        ``allowed_token_ids`` (none: every id allowed); ``min_tokens [R]`` and
+        ``stop_ids [R, T]`` (``-1``: unused) ban the stop ids while an output is shorter."""
         rows = len(prompts)
         output_counts = _counts(outputs, vocab_size)
         seen = (_counts(prompts, vocab_size) > 0) | (output_counts > 0)
@@ -72,6 +78,9 @@ class LogitAdjuster:
         allowed = torch.zeros(rows, vocab_size + 1, dtype=torch.bool)
         allowed.scatter_(1, torch.where(listed, allowed_ids, vocab_size), True)
         allowed[~listed.any(-1)] = True
+        short = torch.tensor([len(o) for o in outputs], dtype=torch.int64) < min_tokens
+        banned = (stop_ids >= 0) & short[:, None]
+        allowed.scatter_(1, torch.where(banned, stop_ids, vocab_size), False)
         return cls(
             bias[:, :vocab_size],
             presence.float(),
@@ -120,7 +129,9 @@ def adjustments_active(
     repetition: torch.Tensor,
     bias_ids: torch.Tensor,
     allowed_ids: torch.Tensor,
+    min_tokens: torch.Tensor,
 ) -> torch.Tensor:
-    """Bool ``[R]``: rows whose allowed ids, bias or penalties change anything."""
-    listed = (bias_ids >= 0).any(-1) | (allowed_ids >= 0).any(-1)
+    """Bool ``[R]``: rows whose allowed ids, min_tokens, bias or penalties may change
+    anything."""
+    listed = (bias_ids >= 0).any(-1) | (allowed_ids >= 0).any(-1) | (min_tokens > 0)
     return (presence != 0) | (frequency != 0) | (repetition != 1) | listed

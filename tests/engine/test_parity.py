@@ -229,6 +229,27 @@ def test_eos_inside_a_block_cuts_the_output(llm, tiny_checkpoint: Path) -> None:
     assert got[0] == expected
 
 
+@pytest.mark.parametrize(
+    ("mode", "seed", "min_tokens"),
+    [("mask_diffusion", 40, 40), ("ar", 54, 25), ("mock_ar", 45, 10)],
+)
+def test_min_tokens_holds_eos_back(
+    llm, tiny_checkpoint: Path, mode: str, seed: int, min_tokens: int
+) -> None:
+    """Sampled requests that end with EOS before ``min_tokens`` (found by search on the seed-0
+    tiny checkpoint) emit no EOS before it with ``min_tokens``, in the engine as the reference
+    (in diffusion: EOS is banned for every block that starts shorter than ``min_tokens``)."""
+    free = Case(9, {"mode": mode}, max_tokens=48, temperature=1.5, seed=seed)
+    held = Case(**{**vars(free), "knobs": (("min_tokens", min_tokens),)})
+    prompt = prompt_ids(9, 5000)
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    (unconstrained, expected) = reference_outputs(model, [prompt, prompt], [free, held])
+    assert unconstrained[-1] == EOS and len(unconstrained) < min_tokens, "search no longer holds"
+    assert EOS not in expected[:min_tokens]
+    (got,) = engine_outputs(llm, [prompt], [held])
+    assert got[0] == expected
+
+
 def test_invalid_request_is_rejected_and_others_continue(llm) -> None:
     """A bad per-request value is rejected at admission naming the field; serving goes on.
 

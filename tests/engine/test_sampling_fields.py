@@ -31,7 +31,7 @@ def refused_examples() -> dict[str, Any]:
     """A value that would change the output, for every refused field."""
 
     return {
-        "bad_words": ["AB"], "min_tokens": 3,
+        "bad_words": ["AB"],
         "logprob_token_ids": [5],
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,
@@ -98,9 +98,9 @@ def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
     (model / "generation_config.json").write_text(json.dumps({**generation, **honoured}))
     engine_config(model)
     with pytest.raises(
-        ValueError, match=r"generation_config: min_tokens=2 .*--generation-config vllm"
+        ValueError, match=r"generation_config: bad_words=\['x'\] .*--generation-config vllm"
     ):
-        refuse_unsupported_generation_defaults({"min_tokens": 2, "top_p": 0.95})
+        refuse_unsupported_generation_defaults({"bad_words": ["x"], "top_p": 0.95})
 
 
 def test_the_design_doc_table_lists_every_field_with_its_handling() -> None:

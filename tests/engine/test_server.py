@@ -161,14 +161,15 @@ def test_bad_request_is_400_while_good_ones_complete(server: str) -> None:
 
 def test_sampler_only_knobs_are_400_naming_the_field(server: str) -> None:
     """Knobs vLLM applies inside its sampler are refused, never silently ignored."""
-    knobs = {"bad_words": ["ab"], "min_tokens": 4}
+    knobs = {"bad_words": ["ab"]}
     for name, value in knobs.items():
         response = complete(server, temperature=0.8, **{name: value})
         assert response.status_code == 400, (name, response.text)
         assert f"{name}=" in response.json()["error"]["message"], response.text
     honoured = {"top_p": 0.5, "top_k": 3, "min_p": 0.1, "frequency_penalty": 0.5,
                 "presence_penalty": 0.3, "repetition_penalty": 1.2,
-                "logit_bias": {"5": 3}, "allowed_token_ids": [5, 6, 7]}  # fmt: skip
+                "logit_bias": {"5": 3}, "allowed_token_ids": [5, 6, 7],
+                "min_tokens": 4}  # fmt: skip
     response = complete(server, temperature=0.8, **honoured)
     assert response.status_code == 200, response.text  # tested against the reference
 

@@ -118,6 +118,10 @@ class RequestTable:
         #: each slot's allowed_token_ids, [capacity, longest list so far]; id -1 = unused
         width = 0 if first else self.allowed_ids.shape[1]
         self.allowed_ids = self._resized(None if first else self.allowed_ids, capacity, width, -1)
+        #: min_tokens and the stop ids it bans (vLLM's all_stop_token_ids: EOS included)
+        self.min_tokens = extend(None if first else self.min_tokens, long)
+        width = 0 if first else self.stop_ids.shape[1]
+        self.stop_ids = self._resized(None if first else self.stop_ids, capacity, width, -1)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
@@ -179,6 +183,12 @@ class RequestTable:
             self.allowed_ids = self._resized(self.allowed_ids, self.capacity, len(allowed), -1)
         self.allowed_ids[slot] = -1
         self.allowed_ids[slot, : len(allowed)] = torch.tensor(allowed, dtype=torch.int64)
+        self.min_tokens[slot] = sp.min_tokens
+        stops = sorted(sp.all_stop_token_ids) if sp.min_tokens else []
+        if len(stops) > self.stop_ids.shape[1]:
+            self.stop_ids = self._resized(self.stop_ids, self.capacity, len(stops), -1)
+        self.stop_ids[slot] = -1
+        self.stop_ids[slot, : len(stops)] = torch.tensor(stops, dtype=torch.int64)
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
         return slot
 
@@ -187,13 +197,14 @@ class RequestTable:
         return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
 
     def adjustments_active(self, slots: torch.Tensor) -> torch.Tensor:
-        """Bool per slot: the request sets a logit bias, a penalty or allowed ids."""
+        """Bool per slot: the request sets a logit bias, a penalty, allowed ids or min_tokens."""
         return adjustments_active(
             self.presence[slots],
             self.frequency[slots],
             self.repetition[slots],
             self.bias_ids[slots],
             self.allowed_ids[slots],
+            self.min_tokens[slots],
         )
 
     def adjuster(
@@ -214,6 +225,8 @@ class RequestTable:
             bias_ids=self.bias_ids[slots],
             bias_values=self.bias_values[slots],
             allowed_ids=self.allowed_ids[slots],
+            min_tokens=self.min_tokens[slots],
+            stop_ids=self.stop_ids[slots],
         )
 
     def _stats_of(self, slot: int) -> RequestStats:

@@ -5,8 +5,7 @@ The block step chooses every token (in each mode, ``ar`` included) with the comm
 and position-keyed Gumbel noise) over logits with vLLM's allowed ids, bias and penalties
 applied (:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler; structured outputs reach
 it as vLLM's grammar bitmask (``ar`` and ``mock_ar``).  So what vLLM implements *inside* its
-sampler or its logits processors beyond those (bad words, ``min_tokens``' EOS suppression)
-would not be applied.  Instead
+sampler or its logits processors beyond those (bad words) would not be applied.  Instead
 of silently ignoring such a field, admission refuses a request that sets it to anything but
 its neutral value, with a message naming the field (HTTP 400 from the server).
 
@@ -76,6 +75,7 @@ FIELDS: Mapping[str, Field] = {
     "repetition_penalty": Field(HONOURED, _ADJUST),
     "logit_bias": Field(HONOURED, _ADJUST),
     "allowed_token_ids": Field(HONOURED, _ADJUST),
+    "min_tokens": Field(HONOURED, _ADJUST + " (stop ids banned while the output is shorter)"),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -99,9 +99,6 @@ FIELDS: Mapping[str, Field] = {
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
     # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
     "bad_words": Field(REFUSED, _SAMPLER, _empty),
-    "min_tokens": Field(
-        REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)
-    ),
     "logprob_token_ids": Field(REFUSED, _SAMPLER),
     "structured_outputs": Field(
         HONOURED,

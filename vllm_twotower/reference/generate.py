@@ -52,19 +52,24 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     allowed_token_ids: tuple[int, ...] = ()
+    #: EOS is banned until the output is this long (vLLM bans it even under ``ignore_eos``)
+    min_tokens: int = 0
 
     def adjust(
-        self, logits: torch.Tensor, prompt: torch.Tensor, output_ids: list[int]
+        self, logits: torch.Tensor, prompt: torch.Tensor, output_ids: list[int], eos: int
     ) -> torch.Tensor:
-        """``logits`` (one row: ``[..., V]``) with this request's bias and penalties, given
-        the tokens committed before the token or block they choose."""
+        """``logits`` (one row: ``[..., V]``) with this request's allowed ids, ``min_tokens``
+        (banning ``eos``), bias and penalties, given the tokens committed before the token or
+        block they choose."""
         bias_ids = torch.tensor([[i for i, _ in self.logit_bias]], dtype=torch.int64)
         bias_values = torch.tensor([[v for _, v in self.logit_bias]], dtype=torch.float32)
         allowed_ids = torch.tensor([self.allowed_token_ids], dtype=torch.int64).view(1, -1)
         penalties = [self.presence_penalty, self.frequency_penalty, self.repetition_penalty]
         presence, frequency, repetition = (torch.tensor([p]) for p in penalties)
         bias_ids = bias_ids.view(1, -1)
-        if not bool(adjustments_active(presence, frequency, repetition, bias_ids, allowed_ids)):
+        min_tokens = torch.tensor([self.min_tokens])
+        lists = (bias_ids, allowed_ids, min_tokens)
+        if not bool(adjustments_active(presence, frequency, repetition, *lists)):
             return logits
         adjuster = LogitAdjuster.build(
             logits.shape[-1],
@@ -76,6 +81,8 @@ class SamplingSpec:
             bias_ids=bias_ids,
             bias_values=bias_values.view(1, -1),
             allowed_ids=allowed_ids,
+            min_tokens=min_tokens,
+            stop_ids=torch.tensor([[eos]]),
         )
         return adjuster.to(logits.device)(logits[None])[0]
 
@@ -162,6 +169,7 @@ def _emit_next(
     sampling: SamplingSpec,
     position: int,
     prompt: torch.Tensor,
+    eos: int,
 ) -> int:
     """Append the next token from one logit row (no mask suppression: AR and mock-AR may emit
     it; bias and penalties applied) and its raw log-probability to ``result``; return it."""
@@ -169,7 +177,7 @@ def _emit_next(
         torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
     )
     token, _ = predict(
-        sampling.adjust(logits, prompt, result.output_ids),
+        sampling.adjust(logits, prompt, result.output_ids, eos),
         mask_id=None,
         temperature=torch.tensor(sampling.temperature),
         row_keys=keys,
@@ -188,7 +196,8 @@ def _generate_ar(
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     logits, state = model.extend_context(prompt, model.empty_context())
     while True:
-        token = _emit_next(result, logits[-1], sampling, state.length, prompt)
+        eos = model.config.eos_token_id
+        token = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
         if stopper.finish(result):
             return result
         logits, state = model.extend_context(prompt.new_tensor([token]), state)
@@ -208,7 +217,8 @@ def _generate_mock_ar(
     while True:
         logits = model.denoise(last, before, t=None)
         result.nfe += 1
-        token = _emit_next(result, logits[-1], sampling, before.length + 1, prompt)
+        eos = model.config.eos_token_id
+        token = _emit_next(result, logits[-1], sampling, before.length + 1, prompt, eos)
         if stopper.finish(result):
             return result
         _, before = model.extend_context(last, before)
@@ -297,7 +307,9 @@ def denoise_block(
         temperature=sampling.temperature,
         seed=fold_seed(sampling.seed),
         filters=sampling.filters(rows=1).to(model.device),
-        adjust=lambda logits: sampling.adjust(logits, prompt, output_ids),
+        adjust=lambda logits: sampling.adjust(
+            logits, prompt, output_ids, model.config.eos_token_id
+        ),
     )
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
