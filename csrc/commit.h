@@ -6,9 +6,11 @@ namespace twotower::commit {
 
 // The op's inputs, checked, contiguous, and in the dtypes the torch rule computes in: the
 // threshold is compared in float32 (`threshold.to(confidence.dtype)`), the temperature divides
-// float64 logits, the integer arguments are int64.
+// float64 logits, the integer arguments are int64.  `cutoff` ([B, S] float64, commit.py:
+// sampling_cutoff) is the smallest tempered logit a sampling position may draw.
 struct CommitArgs {
-  at::Tensor logits, canvas, threshold, step, steps_per_block, temperature, seed, block_start;
+  at::Tensor logits, canvas, threshold, step, steps_per_block, temperature, seed, block_start,
+      cutoff;
   int64_t batch, positions, vocab;
 };
 
@@ -16,7 +18,7 @@ inline CommitArgs prepare_commit_args(const at::Tensor& logits, const at::Tensor
                                       int64_t mask_id, const at::Tensor& threshold,
                                       const at::Tensor& step, const at::Tensor& steps_per_block,
                                       const at::Tensor& temperature, const at::Tensor& seed,
-                                      const at::Tensor& block_start) {
+                                      const at::Tensor& block_start, const at::Tensor& cutoff) {
   TORCH_CHECK(logits.dim() == 3, "commit_step: logits must be [B, S, V]");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
               "commit_step: logits must be float32 or bfloat16");
@@ -32,6 +34,7 @@ inline CommitArgs prepare_commit_args(const at::Tensor& logits, const at::Tensor
                   temperature.to(at::kDouble).contiguous(),
                   seed.to(at::kLong).contiguous(),
                   block_start.to(at::kLong).contiguous(),
+                  cutoff.to(at::kDouble).contiguous(),
                   batch,
                   positions,
                   vocab};
@@ -41,6 +44,9 @@ inline CommitArgs prepare_commit_args(const at::Tensor& logits, const at::Tensor
     TORCH_CHECK(t->device() == logits.device(), "commit_step: all inputs on one device");
   }
   TORCH_CHECK(args.canvas.device() == logits.device(), "commit_step: all inputs on one device");
+  TORCH_CHECK(args.cutoff.sizes() == at::IntArrayRef({batch, positions}),
+              "commit_step: cutoff must be [B, S]");
+  TORCH_CHECK(args.cutoff.device() == logits.device(), "commit_step: all inputs on one device");
   return args;
 }
 

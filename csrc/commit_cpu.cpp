@@ -6,7 +6,8 @@
 // already decided; this kernel skips decided positions and streams every other row once:
 // chunks of `kChunk` logits are staged in L1 (widened from bf16, mask id set to -inf), and the
 // running max / argmax / sum of exp (online softmax) and, for sampling rows, the Gumbel-max draw
-// are updated from the staged chunk.
+// are updated from the staged chunk, over the tokens whose tempered logit reaches the row's
+// min_p / top_k / top_p cutoff (an input: commit.py's sampling_cutoff).
 //
 // The vector code is AVX2 + FMA, selected at run time, written with intrinsics (see cpu_simd.h
 // for why not at::vec); the Gumbel noise uses SLEEF's float64 log, as torch's vectorised CPU
@@ -62,11 +63,14 @@ struct ScalarOps {
     return s;
   }
 
-  static Draw sample(const float* x, int64_t n, int64_t base, double temperature, uint32_t key) {
+  static Draw sample(const float* x, int64_t n, int64_t base, double temperature, double cutoff,
+                     uint32_t key) {
     Draw best;
     for (int64_t i = 0; i < n; ++i) {
+      const double tempered = static_cast<double>(x[i]) / temperature;
+      if (!(tempered >= cutoff)) continue;  // filtered out by min_p / top_k / top_p
       const double u = noise_uniform(key, static_cast<uint32_t>(base + i));
-      const double value = static_cast<double>(x[i]) / temperature - std::log(-std::log(u));
+      const double value = tempered - std::log(-std::log(u));
       if (value > best.value) best = {value, base + i};
     }
     return best;
@@ -138,12 +142,14 @@ struct Avx2Ops {
   }
 
   TWOTOWER_AVX2 static Draw sample(const float* x, int64_t n, int64_t base, double temperature,
-                                   uint32_t key) {
+                                   double cutoff, uint32_t key) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i golden = _mm256_set1_epi32(static_cast<int>(kGolden32));
     const __m256i keys = _mm256_set1_epi32(static_cast<int>(key));
     const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
     const __m256d temp = _mm256_set1_pd(temperature);
+    const __m256d floor = _mm256_set1_pd(cutoff);
+    const __m256d minus_inf = _mm256_set1_pd(-std::numeric_limits<double>::infinity());
     const __m256d four = _mm256_set1_pd(4.0);
     __m256d best[2] = {_mm256_set1_pd(-std::numeric_limits<double>::infinity()),
                        _mm256_set1_pd(-std::numeric_limits<double>::infinity())};
@@ -159,7 +165,10 @@ struct Avx2Ops {
                                 _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4))};
       const __m256d id[2] = {id_lo, _mm256_add_pd(id_lo, four)};
       for (int h = 0; h < 2; ++h) {
-        const __m256d value = _mm256_add_pd(_mm256_div_pd(logit[h], temp), noise[h]);
+        const __m256d tempered = _mm256_div_pd(logit[h], temp);
+        const __m256d kept = _mm256_cmp_pd(tempered, floor, _CMP_GE_OQ);
+        const __m256d value =
+            _mm256_blendv_pd(minus_inf, _mm256_add_pd(tempered, noise[h]), kept);
         const __m256d better = _mm256_cmp_pd(value, best[h], _CMP_GT_OQ);
         best[h] = _mm256_blendv_pd(best[h], value, better);
         best_id[h] = _mm256_blendv_pd(best_id[h], id[h], better);
@@ -212,7 +221,7 @@ struct Prediction {
 // Prediction and untempered confidence of one logit row (commit.py: predict), reading it once.
 template <class Ops, class scalar_t>
 Prediction predict_row(const scalar_t* row, int64_t vocab, int64_t mask_id, double temperature,
-                       uint32_t key) {
+                       double cutoff, uint32_t key) {
   alignas(64) float buf[kChunk];
   float run_max = kNegInf;
   int64_t argmax = 0;
@@ -230,7 +239,7 @@ Prediction predict_row(const scalar_t* row, int64_t vocab, int64_t mask_id, doub
     }
     if (run_max != kNegInf) sum += Ops::sum_exp(x, padded, run_max);
     if (temperature > 0) {
-      const Draw chunk = Ops::sample(x, padded, begin, temperature, key);
+      const Draw chunk = Ops::sample(x, padded, begin, temperature, cutoff, key);
       if (chunk.value > draw.value) draw = chunk;
     }
   }
@@ -244,8 +253,8 @@ Prediction predict_row(const scalar_t* row, int64_t vocab, int64_t mask_id, doub
 
 template <class Ops, class scalar_t>
 void predict_rows(const at::Tensor& logits, const std::vector<int64_t>& rows, int64_t mask_id,
-                  const double* temperature, const uint32_t* keys, int64_t positions,
-                  int64_t* tokens, float* confidence) {
+                  const double* temperature, const double* cutoff, const uint32_t* keys,
+                  int64_t positions, int64_t* tokens, float* confidence) {
   const auto* base = logits.const_data_ptr<scalar_t>();
   const int64_t vocab = logits.size(-1);
   const auto count = static_cast<int64_t>(rows.size());
@@ -256,7 +265,7 @@ void predict_rows(const at::Tensor& logits, const std::vector<int64_t>& rows, in
   for (int64_t w = 0; w < count; ++w) {
     const int64_t r = rows[w];
     const Prediction p = predict_row<Ops>(base + r * vocab, vocab, mask_id,
-                                          temperature[r / positions], keys[r]);
+                                          temperature[r / positions], cutoff[r], keys[r]);
     tokens[r] = p.token;
     confidence[r] = p.confidence;
   }
@@ -264,27 +273,27 @@ void predict_rows(const at::Tensor& logits, const std::vector<int64_t>& rows, in
 
 template <class scalar_t>
 void predict_dispatch(const at::Tensor& logits, const std::vector<int64_t>& rows, int64_t mask_id,
-                      const double* temperature, const uint32_t* keys, int64_t positions,
-                      int64_t* tokens, float* confidence) {
+                      const double* temperature, const double* cutoff, const uint32_t* keys,
+                      int64_t positions, int64_t* tokens, float* confidence) {
 #if defined(TWOTOWER_X86_AVX2)
   if (cpu_has_avx2()) {
-    predict_rows<Avx2Ops, scalar_t>(logits, rows, mask_id, temperature, keys, positions, tokens,
-                                    confidence);
+    predict_rows<Avx2Ops, scalar_t>(logits, rows, mask_id, temperature, cutoff, keys, positions,
+                                    tokens, confidence);
     return;
   }
 #endif
-  predict_rows<ScalarOps, scalar_t>(logits, rows, mask_id, temperature, keys, positions, tokens,
-                                    confidence);
+  predict_rows<ScalarOps, scalar_t>(logits, rows, mask_id, temperature, cutoff, keys, positions,
+                                    tokens, confidence);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> commit_step_cpu(
     const at::Tensor& logits_in, const at::Tensor& canvas_in, int64_t mask_id,
     const at::Tensor& threshold_in, const at::Tensor& step_in,
     const at::Tensor& steps_per_block_in, const at::Tensor& temperature_in,
-    const at::Tensor& seed_in, const at::Tensor& block_start_in) {
+    const at::Tensor& seed_in, const at::Tensor& block_start_in, const at::Tensor& cutoff_in) {
   const CommitArgs a =
       prepare_commit_args(logits_in, canvas_in, mask_id, threshold_in, step_in,
-                          steps_per_block_in, temperature_in, seed_in, block_start_in);
+                          steps_per_block_in, temperature_in, seed_in, block_start_in, cutoff_in);
   const int64_t batch = a.batch, positions = a.positions;
   const int64_t* cv = a.canvas.const_data_ptr<int64_t>();
   const int64_t* seed = a.seed.const_data_ptr<int64_t>();
@@ -292,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> commit_step_cpu(
   const int64_t* step = a.step.const_data_ptr<int64_t>();
   const int64_t* steps_per_block = a.steps_per_block.const_data_ptr<int64_t>();
   const double* temp = a.temperature.const_data_ptr<double>();
+  const double* cutoff = a.cutoff.const_data_ptr<double>();
   std::vector<int64_t> rows;
   std::vector<uint32_t> keys(batch * positions);
   for (int64_t b = 0; b < batch; ++b) {
@@ -307,10 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> commit_step_cpu(
       at::full({batch, positions}, std::numeric_limits<float>::infinity(), at::kFloat);
   float* conf = confidence.mutable_data_ptr<float>();
   if (a.logits.scalar_type() == at::kFloat) {
-    predict_dispatch<float>(a.logits, rows, mask_id, temp, keys.data(), positions, tokens.data(),
-                            conf);
+    predict_dispatch<float>(a.logits, rows, mask_id, temp, cutoff, keys.data(), positions,
+                            tokens.data(), conf);
   } else {
-    predict_dispatch<c10::BFloat16>(a.logits, rows, mask_id, temp, keys.data(), positions,
+    predict_dispatch<c10::BFloat16>(a.logits, rows, mask_id, temp, cutoff, keys.data(), positions,
                                     tokens.data(), conf);
   }
 

@@ -152,6 +152,7 @@ struct RowScan {
   Draw draw = kNoDraw;
   uint32_t key;
   double temperature;
+  double cutoff;  // smallest tempered logit that may be drawn (commit.py: sampling_cutoff)
 
   template <int kWidth>
   __device__ __forceinline__ void scan(const float (&x)[kWidth], int64_t first) {
@@ -173,8 +174,10 @@ struct RowScan {
     if constexpr (kSampling) {
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
+        const double tempered = static_cast<double>(x[j]) / temperature;
+        if (!(tempered >= cutoff)) continue;  // filtered out by min_p / top_k / top_p
         const double u = noise_uniform(key, static_cast<uint32_t>(first + j));
-        const double value = static_cast<double>(x[j]) / temperature - log(-log(u));
+        const double value = tempered - log(-log(u));
         if (value > draw.value) draw = {value, first + j};
       }
     }
@@ -188,13 +191,14 @@ template <bool kSampling, bool kVector, class scalar_t>
 __device__ __forceinline__ RowScan<kSampling> scan_row(const scalar_t* logits, int64_t vocab,
                                                        int64_t mask_id, int64_t t,
                                                        int64_t threads, uint32_t key,
-                                                       double temperature) {
+                                                       double temperature, double cutoff) {
   using L = Loads<scalar_t, kVector>;
   using Raw = typename L::Raw;
   constexpr int kWidth = L::kWidth;
   RowScan<kSampling> state;
   state.key = key;
   state.temperature = temperature;
+  state.cutoff = cutoff;
 
   // The head: elements before the first `Raw`-aligned one (none for scalars, logits being
   // element aligned), then whole loads, then the tail (< kWidth elements).  As kWidth divides
@@ -252,6 +256,7 @@ __global__ void __launch_bounds__(kThreads, 2) predict_kernel(CommitLaunch args,
   }
   const scalar_t* logits = static_cast<const scalar_t*>(args.logits) + row * args.vocab;
   const double temperature = args.temperature[b];
+  const double cutoff = args.cutoff[row];
   const bool sampling = temperature > 0;
   const uint32_t key = noise_row_key(args.seed[b], args.block_start[b] + i, args.step[b]);
   const int64_t t = static_cast<int64_t>(part) * kThreads + threadIdx.x;
@@ -262,14 +267,14 @@ __global__ void __launch_bounds__(kThreads, 2) predict_kernel(CommitLaunch args,
   RowScan<true> state;
   if (sampling) {
     state = vector ? scan_row<true, true>(logits, args.vocab, args.mask_id, t, threads, key,
-                                          temperature)
+                                          temperature, cutoff)
                    : scan_row<true, false>(logits, args.vocab, args.mask_id, t, threads, key,
-                                           temperature);
+                                           temperature, cutoff);
   } else {
     state.soft = vector ? scan_row<false, true>(logits, args.vocab, args.mask_id, t, threads,
-                                                key, temperature).soft
+                                                key, temperature, cutoff).soft
                         : scan_row<false, false>(logits, args.vocab, args.mask_id, t, threads,
-                                                 key, temperature).soft;
+                                                 key, temperature, cutoff).soft;
   }
   Softmax soft = state.soft;
   Draw draw = state.draw;

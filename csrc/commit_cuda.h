@@ -21,6 +21,7 @@ struct CommitLaunch {
   const double* temperature;       // [batch]
   const int64_t* seed;             // [batch]
   const int64_t* block_start;      // [batch]
+  const double* cutoff;            // [batch, positions] (commit.py: sampling_cutoff)
   int64_t* tokens;                 // [batch, positions] scratch: each masked position's prediction
   int64_t* canvas_out;             // [batch, positions]
   int64_t* num_committed;          // [batch]

@@ -18,10 +18,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> commit_step_cuda(
     const at::Tensor& logits, const at::Tensor& canvas, int64_t mask_id,
     const at::Tensor& threshold, const at::Tensor& step, const at::Tensor& steps_per_block,
-    const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& block_start) {
+    const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& block_start,
+    const at::Tensor& cutoff) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const CommitArgs a = prepare_commit_args(logits, canvas, mask_id, threshold, step,
-                                           steps_per_block, temperature, seed, block_start);
+                                           steps_per_block, temperature, seed, block_start,
+                                           cutoff);
   TORCH_CHECK(a.positions <= kMaxPositions, "commit_step: at most ", kMaxPositions,
               " positions per canvas on CUDA");
   const at::Tensor tokens = at::empty_like(a.canvas);
@@ -41,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> commit_step_cuda(
                             a.temperature.const_data_ptr<double>(),
                             a.seed.const_data_ptr<int64_t>(),
                             a.block_start.const_data_ptr<int64_t>(),
+                            a.cutoff.const_data_ptr<double>(),
                             tokens.mutable_data_ptr<int64_t>(),
                             out.mutable_data_ptr<int64_t>(),
                             committed.mutable_data_ptr<int64_t>(),

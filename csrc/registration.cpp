@@ -12,7 +12,7 @@ TORCH_LIBRARY(twotower, m) {
   // Returns (canvas, num_committed, confidence).
   m.def(
       "commit_step(Tensor logits, Tensor canvas, int mask_id, Tensor threshold, Tensor step, "
-      "Tensor steps_per_block, Tensor temperature, Tensor seed, Tensor block_start) "
+      "Tensor steps_per_block, Tensor temperature, Tensor seed, Tensor block_start, Tensor cutoff) "
       "-> (Tensor, Tensor, Tensor)");
   // vllm_twotower.reference.moe.moe_forward: the whole MoE layer on [N, H] tokens.
   m.def(

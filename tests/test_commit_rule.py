@@ -8,12 +8,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_twotower.commit import commit_step, fold_seed
+from vllm_twotower.commit import SamplingFilters, commit_step, fold_seed, sampling_cutoff
 
 MASK = 3
 
 
-def _run(logits, canvas, *, threshold=0.8, step=0, steps=16, temperature=0.0, seed=0, start=0):
+def _run(
+    logits,
+    canvas,
+    *,
+    threshold=0.8,
+    step=0,
+    steps=16,
+    temperature=0.0,
+    seed=0,
+    start=0,
+    filters=None,
+):
     b = canvas.shape[0]
 
     def full(value, dtype):
@@ -29,6 +40,7 @@ def _run(logits, canvas, *, threshold=0.8, step=0, steps=16, temperature=0.0, se
         temperature=full(temperature, torch.float32),
         seed=full(fold_seed(seed), torch.long),
         block_start=full(start, torch.long),
+        filters=filters,
     )
 
 
@@ -150,3 +162,61 @@ def test_sampling_confidence_is_untempered_and_seeded() -> None:
     # the noise depends on the absolute position: another block start draws differently
     d = _run(logits, torch.full((1, 16), MASK), temperature=2.0, seed=11, step=15, start=16)
     assert not torch.equal(a.canvas, d.canvas)
+
+
+def _vllm_kept(logits: torch.Tensor, temperature: float, top_k, top_p, min_p) -> torch.Tensor:
+    """The tokens vLLM's sampler may draw: temperature, its min_p processor, top-k / top-p."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    tempered = logits.double() / temperature
+    # vllm/v1/sample/logits_processor/builtin.py: MinPLogitsProcessor.apply
+    probs = torch.softmax(tempered, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(-1)
+    tempered = tempered.masked_fill(probs < threshold, float("-inf"))
+    kept = apply_top_k_top_p_pytorch(tempered.clone(), top_k, top_p)
+    return torch.isfinite(kept)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    vocab=st.integers(2, 300),
+    temperature=st.sampled_from([0.3, 1.0, 2.0]),
+)
+def test_filters_keep_what_vllm_keeps(seed: int, vocab: int, temperature: float) -> None:
+    """min_p, then top_k, then top_p, as vLLM applies them (tie-free logits, where vLLM's sort
+    order cannot matter): the cutoff keeps exactly vLLM's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 6
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64).float() * 3
+    top_k = torch.randint(1, vocab + 1, (rows,), generator=g)
+    top_p = torch.rand(rows, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    min_p = torch.rand(rows, generator=g, dtype=torch.float64) * 0.3
+    top_k[0], top_p[1], min_p[2] = vocab, 1.0, 0.0  # each filter off in some row
+    filters = SamplingFilters(top_k, top_p, min_p)
+    temps = torch.full((rows,), temperature)  # float32, as the engine keeps it
+    temperature = float(temps[0])
+    cutoff = sampling_cutoff(logits, mask_id=None, temperature=temps, filters=filters)
+    ours = logits.double() / temperature >= cutoff.unsqueeze(-1)
+    assert torch.equal(ours, _vllm_kept(logits, temperature, top_k, top_p, min_p))
+
+
+def test_filters_ignored_under_greedy_and_drawn_tokens_are_kept() -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 16, 50, generator=g) * 2
+    canvas = torch.full((1, 16), MASK)
+    filters = SamplingFilters(
+        torch.tensor([3]), torch.tensor([0.5], dtype=torch.float64), torch.zeros(1).double()
+    )
+    greedy = _run(logits, canvas, step=15)
+    assert torch.equal(_run(logits, canvas, step=15, filters=filters).canvas, greedy.canvas)
+    for seed in range(20):
+        drawn = _run(logits, canvas, step=15, temperature=1.5, seed=seed, filters=filters).canvas
+        temps = torch.full((1, 16), 1.5)
+        cutoff = sampling_cutoff(
+            logits, mask_id=MASK, temperature=temps, filters=filters.expand(canvas.shape)
+        )
+        chosen = logits.gather(-1, drawn.unsqueeze(-1)).squeeze(-1).double() / 1.5
+        assert bool((chosen >= cutoff).all())
+        top3 = logits.masked_fill(torch.arange(50) == MASK, float("-inf")).topk(3).indices
+        assert bool((drawn.unsqueeze(-1) == top3).any(-1).all())

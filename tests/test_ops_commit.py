@@ -33,8 +33,10 @@ def make_case(
     sample_fraction: float = 0.5,
     ties: bool = False,
     scale: float = 3.0,
+    filtered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Random logits, canvases and per-row arguments for one commit step."""
+    """Random logits, canvases and per-row arguments for one commit step; ``filtered`` adds
+    random min_p / top_k / top_p per row (each on in about half the rows)."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, positions, vocab, generator=gen) * scale
     if ties:
@@ -55,7 +57,24 @@ def make_case(
         "seed": torch.randint(-(2**62), 2**62, (batch,), generator=gen),
         "block_start": torch.randint(0, 2**40, (batch,), generator=gen),
     }
+    if filtered:
+        args["filters"] = random_filters(gen, batch, vocab)
     return logits.to(dtype), canvas, args
+
+
+def random_filters(gen: torch.Generator, batch: int, vocab: int) -> commit.SamplingFilters:
+    """Per-row filters, each on in about half the rows (top_k up to past the vocabulary)."""
+
+    def on() -> torch.Tensor:
+        return torch.rand(batch, generator=gen) < 0.5
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(batch, generator=gen, dtype=torch.float64)
+
+    top_k = torch.where(on(), torch.randint(1, vocab + 3, (batch,), generator=gen), 0)
+    top_p = torch.where(on(), uniform() * 0.95 + 0.05, 1.0)
+    min_p = torch.where(on(), uniform() * 0.5, 0.0)
+    return commit.SamplingFilters(top_k, top_p, min_p)
 
 
 def assert_same(
@@ -63,7 +82,10 @@ def assert_same(
 ) -> commit.CommitResult:
     """Run the kernel (on ``device``) and the torch path (on CPU); assert identical decisions and
     confidences within 1e-6."""
-    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    on_device = {
+        k: v.to(device) if isinstance(v, (torch.Tensor, commit.SamplingFilters)) else v
+        for k, v in args.items()
+    }
     kernel = commit.commit_step(logits.to(device), canvas.to(device), **on_device)
     kernel = commit.CommitResult(*(t.cpu() for t in vars(kernel).values()))
     torch_path = commit.commit_step_torch(logits, canvas, **args)
@@ -90,6 +112,7 @@ def assert_same(
     mask_fraction=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
     sample_fraction=st.sampled_from([0.0, 0.5, 1.0]),
     ties=st.booleans(),
+    filtered=st.booleans(),
     data=st.data(),
 )
 def test_kernel_matches_torch(
@@ -101,6 +124,7 @@ def test_kernel_matches_torch(
     mask_fraction: float,
     sample_fraction: float,
     ties: bool,
+    filtered: bool,
     data: st.DataObject,
 ) -> None:
     mask_id = data.draw(st.integers(0, vocab - 1), label="mask_id")
@@ -114,6 +138,7 @@ def test_kernel_matches_torch(
         masked_fraction=mask_fraction,
         sample_fraction=sample_fraction,
         ties=ties,
+        filtered=filtered,
     )
     assert_same(logits, canvas, args)
 
@@ -129,6 +154,30 @@ def test_full_vocab_mixed_sampling(dtype: torch.dtype) -> None:
     args["step"] = args["steps_per_block"] - 1  # commit everything: every prediction is compared
     result = assert_same(logits, canvas, args)
     assert result.num_committed.tolist() == [4, 4, 4]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_vocab_filtered_sampling(dtype: torch.dtype) -> None:
+    """min_p, top_k and top_p alone and together on the real vocabulary, every row sampling."""
+    logits, canvas, args = make_case(
+        seed=8, batch=4, positions=4, vocab=131072, dtype=dtype, mask_id=3, masked_fraction=1.0
+    )
+    args["temperature"] = torch.tensor([0.7, 1.0, 1.5, 0.9])
+    args["step"] = args["steps_per_block"] - 1
+    args["filters"] = commit.SamplingFilters(
+        top_k=torch.tensor([0, 40, 0, 5]),
+        top_p=torch.tensor([1.0, 1.0, 0.3, 0.9], dtype=torch.float64),
+        min_p=torch.tensor([0.2, 0.0, 0.0, 0.05], dtype=torch.float64),
+    )
+    result = assert_same(logits, canvas, args)
+    # The drawn tokens are among the kept ones.
+    temps = args["temperature"].unsqueeze(-1).expand_as(canvas)
+    cutoff = commit.sampling_cutoff(
+        logits, mask_id=3, temperature=temps, filters=args["filters"].expand(canvas.shape)
+    )
+    tempered = logits.double().gather(-1, result.canvas.unsqueeze(-1)).squeeze(-1) / temps
+    assert bool((tempered >= cutoff).all()) and bool(torch.isfinite(cutoff).all())
 
 
 @needs_kernel
@@ -188,7 +237,14 @@ def test_decided_rows_and_single_masked_position() -> None:
 def test_cuda_kernel_matches_torch(dtype: torch.dtype, vocab: int) -> None:
     for seed in range(4):
         logits, canvas, args = make_case(
-            seed=seed, batch=4, positions=16, vocab=vocab, dtype=dtype, mask_id=3, ties=seed == 3
+            seed=seed,
+            batch=4,
+            positions=16,
+            vocab=vocab,
+            dtype=dtype,
+            mask_id=3,
+            ties=seed == 3,
+            filtered=seed >= 2,
         )
         assert_same(logits, canvas, args, device="cuda")
 

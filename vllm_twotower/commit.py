@@ -6,8 +6,10 @@ the vLLM model runner.  It runs the compiled kernel where one is built and
 otherwise.  The rule is the one of ``shared/spec/twotower-model.md`` §4:
 
 * the mask id is never predicted (its logit is suppressed before the softmax);
-* the prediction is the argmax (greedy) or a Gumbel-max draw from ``logits / temperature``, and
-  its confidence is always the *untempered* softmax probability of the predicted token;
+* the prediction is the argmax (greedy) or a Gumbel-max draw from ``logits / temperature``
+  restricted to the tokens the request's ``min_p`` / ``top_k`` / ``top_p`` keep
+  (:func:`sampling_cutoff`); its confidence is always the *untempered*, unfiltered softmax
+  probability of the predicted token (spec §4: "confidence stays the untempered probability");
 * already-decided positions keep their token (confidence ``+inf``);
 * of the ``n`` masked positions, ``k`` are decided, where
   ``k = n`` on the last step, else ``k = min(n, max(#(conf > γ), 1, ceil(n / (T - step))))``;
@@ -63,6 +65,95 @@ def gumbel_noise(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return -torch.log(-torch.log(uniform))
 
 
+@dataclass(frozen=True)
+class SamplingFilters:
+    """vLLM's ``min_p`` / ``top_k`` / ``top_p`` of each row, applied only where it samples.
+
+    Shapes match the rows' ``temperature``.  The neutral values (``0``, ``0``, ``1``) filter
+    nothing, as in vLLM (which also treats ``top_k = -1`` as off; admission maps it to 0).
+    """
+
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float64, 1 = off
+    min_p: torch.Tensor  # float64, 0 = off
+
+    def active(self) -> torch.Tensor:
+        """Bool: the rows where at least one filter is on."""
+        return (self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0)
+
+    def select(self, index: torch.Tensor) -> SamplingFilters:
+        """The filters of rows ``index`` (any indexing torch accepts)."""
+        return SamplingFilters(self.top_k[index], self.top_p[index], self.min_p[index])
+
+    def expand(self, shape: torch.Size) -> SamplingFilters:
+        """Per-row ``[B]`` filters broadcast to ``[B, S]`` positions."""
+        return SamplingFilters(*(v.unsqueeze(-1).expand(shape) for v in self._values()))
+
+    def to(self, device: torch.device | str) -> SamplingFilters:
+        return SamplingFilters(*(v.to(device) for v in self._values()))
+
+    def _values(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.top_k, self.top_p, self.min_p
+
+
+def _filter_cutoff(tempered: torch.Tensor, filters: SamplingFilters) -> torch.Tensor:
+    """The smallest tempered logit each row keeps (see :func:`sampling_cutoff`)."""
+    vocab = tempered.shape[-1]
+    ordered = tempered.sort(dim=-1, descending=True).values
+    probs = torch.softmax(ordered, dim=-1)
+    # min_p: the probabilities of the tempered distribution, against min_p * the largest.
+    keep = probs >= (filters.min_p * probs[..., 0]).unsqueeze(-1)
+    # top_k: every token at least as large as the k-th largest (ties kept, as vLLM's mask).
+    k = torch.where(filters.top_k > 0, filters.top_k.clamp(max=vocab), vocab)
+    keep &= ordered >= ordered.gather(-1, (k - 1).unsqueeze(-1))
+    # top_p: the renormalised mass of the tokens kept so far; a token stays while the mass
+    # strictly before it is below p (vLLM: its ascending suffix sum is above 1 - p).
+    renormalised = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
+    mass = torch.cumsum(renormalised, dim=-1)  # non-decreasing: the terms are >= 0
+    before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)
+    keep &= (before < filters.top_p.unsqueeze(-1)) | (filters.top_p >= 1).unsqueeze(-1)
+    kept = keep.sum(dim=-1).clamp(min=1)  # a prefix of ``ordered``; never empty
+    return ordered.gather(-1, (kept - 1).unsqueeze(-1)).squeeze(-1)
+
+
+def sampling_cutoff(
+    logits: torch.Tensor,
+    *,
+    mask_id: int | None,
+    temperature: torch.Tensor,
+    filters: SamplingFilters | None,
+) -> torch.Tensor:
+    """Float64 ``[...]``: the smallest tempered logit a sampling row may draw, else ``-inf``.
+
+    vLLM's order and definitions (``vllm/v1/sample``: temperature, then the ``min_p`` logits
+    processor, then ``apply_top_k_top_p``), on ``t = logits.double() / temperature`` with the
+    mask id suppressed:
+
+    * ``min_p``: keep tokens whose probability under ``softmax(t)`` is ``>= min_p * max``;
+    * ``top_k``: of those, keep tokens with ``t >=`` the ``k``-th largest ``t``;
+    * ``top_p``: renormalise over the kept tokens, order them by ``t`` descending, keep the
+      shortest prefix whose mass reaches ``top_p`` (a token stays while the mass strictly
+      before it is ``< top_p``; ``top_p = 1`` keeps all).
+
+    Each filter keeps an upper set of ``t``, so the kept set is ``{t >= cutoff}``, where the
+    cutoff is the smallest kept value.  Ties at the cutoff are all kept (vLLM's sort splits
+    them arbitrarily; a value threshold is order-free and identical in every path).  Greedy
+    rows and rows with no filter get ``-inf`` (nothing removed).  The compiled kernels take
+    this cutoff as an input, so the filter costs one sort per filtered row, in torch, and the
+    draw stays one fused pass.
+    """
+    cutoff = torch.full(temperature.shape, float("-inf"), dtype=torch.float64)
+    cutoff = cutoff.to(logits.device)
+    if filters is None:
+        return cutoff
+    rows = (temperature > 0) & filters.active()
+    if not bool(rows.any()):
+        return cutoff
+    tempered = _suppressed(logits[rows], mask_id).double() / temperature[rows].double()[..., None]
+    cutoff[rows] = _filter_cutoff(tempered, filters.select(rows))
+    return cutoff
+
+
 @dataclass
 class CommitResult:
     """Outcome of one denoising step over a batch of canvases."""
@@ -87,6 +178,7 @@ def predict(
     mask_id: int | None,
     temperature: torch.Tensor,
     row_keys: torch.Tensor | None,
+    filters: SamplingFilters | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token prediction and its untempered confidence for each logit row.
 
@@ -95,10 +187,12 @@ def predict(
         mask_id: a token id that must never be predicted, or ``None`` (AR and mock-AR).
         temperature: ``[...]`` per-row temperature; rows with ``0`` take the argmax.
         row_keys: ``[...]`` noise keys (:func:`noise_row_keys`); required when any row samples.
+        filters: ``[...]`` min_p / top_k / top_p of sampling rows (:func:`sampling_cutoff`).
 
     Returns:
         ``(token ids [...] int64, confidence [...] float32)``.
     """
+    cutoff = sampling_cutoff(logits, mask_id=mask_id, temperature=temperature, filters=filters)
     logits = _suppressed(logits, mask_id)
     tokens = logits.argmax(dim=-1)
     sampling = temperature > 0
@@ -106,7 +200,12 @@ def predict(
         if row_keys is None:
             raise ValueError("row_keys are required when a row samples (temperature > 0)")
         temp = torch.where(sampling, temperature, torch.ones_like(temperature)).double()
-        perturbed = logits.double() / temp.unsqueeze(-1) + gumbel_noise(row_keys, logits.shape[-1])
+        tempered = logits.double() / temp.unsqueeze(-1)
+        perturbed = torch.where(
+            tempered >= cutoff.unsqueeze(-1),
+            tempered + gumbel_noise(row_keys, logits.shape[-1]),
+            float("-inf"),
+        )
         tokens = torch.where(sampling, perturbed.argmax(dim=-1), tokens)
     log_z = torch.logsumexp(logits, dim=-1)
     confidence = torch.exp(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_z)
@@ -168,6 +267,7 @@ def commit_step(
     temperature: torch.Tensor,
     seed: torch.Tensor,
     block_start: torch.Tensor,
+    filters: SamplingFilters | None = None,
     use_kernel: bool = True,
 ) -> CommitResult:
     """One denoising step of the commit rule over ``B`` canvases of ``S`` positions.
@@ -188,8 +288,11 @@ def commit_step(
         "block_start": block_start,
     }
     if use_kernel and commit_kernel_supports(logits, canvas, mask_id):
-        return CommitResult(*commit_step_kernel(logits, canvas, **rule_args))
-    return commit_step_torch(logits, canvas, **rule_args)
+        temps = temperature.unsqueeze(-1).expand_as(canvas)
+        row_filters = filters.expand(canvas.shape) if filters is not None else None
+        cutoff = sampling_cutoff(logits, mask_id=mask_id, temperature=temps, filters=row_filters)
+        return CommitResult(*commit_step_kernel(logits, canvas, **rule_args, cutoff=cutoff))
+    return commit_step_torch(logits, canvas, **rule_args, filters=filters)
 
 
 def commit_step_torch(
@@ -203,6 +306,7 @@ def commit_step_torch(
     temperature: torch.Tensor,
     seed: torch.Tensor,
     block_start: torch.Tensor,
+    filters: SamplingFilters | None = None,
 ) -> CommitResult:
     """One denoising step of the commit rule in plain torch: the definition and the fallback.
 
@@ -215,12 +319,16 @@ def commit_step_torch(
         temperature: ``[B]`` float sampling temperature (0 = greedy).
         seed: ``[B]`` int64 folded seeds (:func:`fold_seed`), used only where temperature > 0.
         block_start: ``[B]`` int64 absolute token position of each canvas' first position.
+        filters: ``[B]`` min_p / top_k / top_p of each row (:class:`SamplingFilters`).
     """
     masked = canvas == mask_id
     positions = block_start.unsqueeze(-1) + torch.arange(canvas.shape[-1], device=canvas.device)
     row_keys = noise_row_keys(seed.unsqueeze(-1), positions, step.unsqueeze(-1))
     temps = temperature.unsqueeze(-1).expand_as(canvas)
-    tokens, confidence = predict(logits, mask_id=mask_id, temperature=temps, row_keys=row_keys)
+    row_filters = filters.expand(canvas.shape) if filters is not None else None
+    tokens, confidence = predict(
+        logits, mask_id=mask_id, temperature=temps, row_keys=row_keys, filters=row_filters
+    )
     confidence = torch.where(masked, confidence, torch.full_like(confidence, float("inf")))
     k = num_to_commit(
         confidence, masked, threshold=threshold, step=step, steps_per_block=steps_per_block

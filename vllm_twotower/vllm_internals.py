@@ -349,6 +349,13 @@ def row_token_ids(runner: Any) -> np.ndarray:
     return runner.input_batch.token_ids_cpu
 
 
+@depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#num_prompt_tokens")
+def prompt_token_counts(runner: Any) -> torch.Tensor:
+    """``[num_reqs]`` int64: each row's prompt length (its first tokens in row_token_ids)."""
+    batch = runner.input_batch
+    return torch.from_numpy(batch.num_prompt_tokens[: batch.num_reqs].astype("int64"))
+
+
 @depends_on("vllm.v1.worker.gpu_input_batch:InputBatch#generators")
 def drop_sampling_generators(runner: Any) -> None:
     """Forget vLLM's per-request torch generators (``InputBatch.generators``).

@@ -29,6 +29,16 @@ class Case:
     temperature: float = 0.0
     seed: int = 0
     logprobs: int | None = None
+    #: vLLM's filters, penalties and logit bias (SamplingSpec's and SamplingParams' names)
+    knobs: tuple[tuple[str, object], ...] = ()
+
+    def sampling_params_knobs(self) -> dict:
+        knobs = dict(self.knobs)
+        if "logit_bias" in knobs:
+            knobs["logit_bias"] = dict(knobs["logit_bias"])
+        if "allowed_token_ids" in knobs:
+            knobs["allowed_token_ids"] = list(knobs["allowed_token_ids"])
+        return knobs
 
 
 CASES = [
@@ -45,6 +55,35 @@ CASES = [
     Case(129, {"block_size": 4, "steps_per_block": 2, "confidence_threshold": 1.0}),
     Case(64, {}, max_tokens=32),  # prompt of whole scheduler chunks and whole blocks
     Case(32, {"mode": "ar"}, max_tokens=16),
+    # Seeded sampling through vLLM's filters, in every mode.
+    Case(9, {"mode": "ar"}, 24, 1.3, 21, 2, (("top_k", 5), ("top_p", 0.8))),
+    Case(40, {}, 24, 1.2, 22, 1, (("min_p", 0.1), ("top_p", 0.9))),
+    Case(12, {"mode": "mock_ar"}, 12, 1.5, 23, None, (("top_k", 3), ("min_p", 0.05))),
+    Case(25, {"block_size": 8}, 16, 2.0, 24, None, (("top_k", 2),)),
+    # Penalties and logit bias, greedy and sampled, in every mode.
+    Case(
+        11,
+        {"mode": "ar"},
+        20,
+        0.0,
+        0,
+        2,
+        (("repetition_penalty", 1.5), ("logit_bias", ((7, 4.0),))),
+    ),
+    Case(30, {}, 24, 0.0, 0, 1, (("presence_penalty", 1.5), ("frequency_penalty", 0.8))),
+    Case(
+        8,
+        {"mode": "mock_ar"},
+        12,
+        0.9,
+        25,
+        None,
+        (("frequency_penalty", 1.0), ("logit_bias", ((9, 3.0), (12, -5.0)))),
+    ),
+    Case(45, {"block_size": 8}, 16, 1.1, 26, None, (("repetition_penalty", 1.3), ("top_k", 4))),
+    Case(14, {}, 16, 0.0, 0, 1, (("allowed_token_ids", (5, 9, 17, 30, 41)),)),
+    Case(10, {"mode": "ar"}, 10, 0.7, 28, 1, (("allowed_token_ids", (5, 9, 17, 30)),)),
+    Case(6, {"mode": "mock_ar"}, 8, 1.0, 27, None, (("allowed_token_ids", (5, 9, 17)),)),
 ]
 
 
@@ -74,7 +113,10 @@ def reference_results(model: TwoTowerModel, prompts, cases):
         )
         sampling.append(
             SamplingSpec(
-                max_new_tokens=case.max_tokens, temperature=case.temperature, seed=case.seed
+                max_new_tokens=case.max_tokens,
+                temperature=case.temperature,
+                seed=case.seed,
+                **dict(case.knobs),
             )
         )
     return generate(model, prompts, params, sampling)
@@ -106,6 +148,7 @@ def engine_generate(llm, prompts, cases, n: int = 1):
             extra_args=c.extra_args,
             logprobs=c.logprobs,
             n=n,
+            **c.sampling_params_knobs(),
         )
         for c in cases
     ]
@@ -130,6 +173,18 @@ def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
         assert entry["mode"] == case.extra_args.get("mode", "mask_diffusion")
     aggregate = llm.collective_rpc("twotower_stats")[0]["aggregate"]
     assert aggregate["tokens_per_nfe"] >= 1.0 and aggregate["steps_per_block"] >= 1.0
+
+
+def test_knobs_change_what_the_reference_draws(tiny_checkpoint: Path) -> None:
+    """The cases above with filters, penalties or bias are not vacuous: without them the
+    reference draws other tokens (so an engine that ignored them would fail the parity test)."""
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    filtered = [c for c in CASES if c.knobs]
+    prompts = [prompt_ids(c.prompt_len, CASES.index(c)) for c in filtered]
+    unfiltered = [Case(**{**vars(c), "knobs": ()}) for c in filtered]
+    with_filters = reference_outputs(model, prompts, filtered)
+    without = reference_outputs(model, prompts, unfiltered)
+    assert all(a != b for a, b in zip(with_filters, without, strict=True))
 
 
 def check_logprobs(output, expected: list[float], num_logprobs: int) -> None:
@@ -171,6 +226,27 @@ def test_eos_inside_a_block_cuts_the_output(llm, tiny_checkpoint: Path) -> None:
     (expected,) = reference_outputs(model, [prompt], [case])
     assert expected[-1] == EOS and len(expected) % 16 != 0, "search result no longer holds"
     (got,) = engine_outputs(llm, [prompt], [case])
+    assert got[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "seed", "min_tokens"),
+    [("mask_diffusion", 40, 40), ("ar", 54, 25), ("mock_ar", 45, 10)],
+)
+def test_min_tokens_holds_eos_back(
+    llm, tiny_checkpoint: Path, mode: str, seed: int, min_tokens: int
+) -> None:
+    """Sampled requests that end with EOS before ``min_tokens`` (found by search on the seed-0
+    tiny checkpoint) emit no EOS before it with ``min_tokens``, in the engine as the reference
+    (in diffusion: EOS is banned for every block that starts shorter than ``min_tokens``)."""
+    free = Case(9, {"mode": mode}, max_tokens=48, temperature=1.5, seed=seed)
+    held = Case(**{**vars(free), "knobs": (("min_tokens", min_tokens),)})
+    prompt = prompt_ids(9, 5000)
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    (unconstrained, expected) = reference_outputs(model, [prompt, prompt], [free, held])
+    assert unconstrained[-1] == EOS and len(unconstrained) < min_tokens, "search no longer holds"
+    assert EOS not in expected[:min_tokens]
+    (got,) = engine_outputs(llm, [prompt], [held])
     assert got[0] == expected
 
 

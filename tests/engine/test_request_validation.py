@@ -53,11 +53,15 @@ def test_validator_hook_rejects_at_admission() -> None:
     with pytest.raises(ValueError, match="block_size"):
         TwoTowerParamsValidator.validate_params(SamplingParams(extra_args={"block_size": -1}))
     TwoTowerParamsValidator.validate_params(SamplingParams(logprobs=2))  # honoured
-    with pytest.raises(ValueError, match="top_p"):
-        TwoTowerParamsValidator.validate_params(SamplingParams(temperature=0.8, top_p=0.5))
+    TwoTowerParamsValidator.validate_params(SamplingParams(temperature=0.8, top_p=0.5))
+    with pytest.raises(ValueError, match="bad_words"):
+        TwoTowerParamsValidator.validate_params(SamplingParams(bad_words=["AB"]))
     from vllm.sampling_params import StructuredOutputsParams
 
-    guided = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
+    guided = SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex="a+"),
+        extra_args={"mode": "mask_diffusion"},
+    )
     with pytest.raises(ValueError, match="structured_outputs"):
         TwoTowerParamsValidator.validate_params(guided)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from vllm import SamplingParams
 
 from vllm_twotower.engine.params import TwoTowerParamsValidator
 from vllm_twotower.engine.sampling_fields import FIELDS, HONOURED, INTERNAL, REFUSED
+from vllm_twotower.params import MODES
 
 
 def sampling_params_fields() -> set[str]:
@@ -27,13 +29,10 @@ def sampling_params_fields() -> set[str]:
 
 def refused_examples() -> dict[str, Any]:
     """A value that would change the output, for every refused field."""
-    from vllm.sampling_params import StructuredOutputsParams
 
     return {
-        "top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5,
-        "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {5: 2.0},
-        "allowed_token_ids": [5, 6], "bad_words": ["AB"], "min_tokens": 3,
-        "logprob_token_ids": [5], "structured_outputs": StructuredOutputsParams(regex="a+"),
+        "bad_words": ["AB"],
+        "logprob_token_ids": [5],
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,
     }  # fmt: skip
@@ -57,6 +56,23 @@ def test_every_refused_field_is_refused_naming_it() -> None:
         assert "not supported by the TwoTower engine" in str(error.value)
 
 
+def test_structured_outputs_only_in_one_token_modes() -> None:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for mode in ("ar", "mock_ar"):
+        TwoTowerParamsValidator.validate_params(
+            SamplingParams(
+                structured_outputs=StructuredOutputsParams(regex="a+"), extra_args={"mode": mode}
+            )
+        )
+    guided = SamplingParams(
+        structured_outputs=StructuredOutputsParams(regex="a+"),
+        extra_args={"mode": "mask_diffusion"},
+    )
+    with pytest.raises(ValueError, match=r'^structured_outputs=.*"mode": "ar"'):
+        TwoTowerParamsValidator.validate_params(guided)
+
+
 def test_neutral_values_of_refused_fields_are_accepted() -> None:
     # What clients send for "off": lm-eval and the openai client send top_p=1, top_k=-1, ...
     TwoTowerParamsValidator.validate_params(
@@ -70,13 +86,39 @@ def test_neutral_values_of_refused_fields_are_accepted() -> None:
 def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
+    """vLLM 0.32 reads only honoured fields from generation_config.json (penalties, filters,
+    temperature, max_new_tokens): they start.  The guard refuses any other a later vLLM reads."""
     from tests.engine.test_runner_selection import engine_config
+    from vllm_twotower.engine.config_hook import refuse_unsupported_generation_defaults
 
-    model = tmp_path / "nucleus"
+    model = tmp_path / "penalised"
     shutil.copytree(tiny_checkpoint, model)
     generation = json.loads((model / "generation_config.json").read_text())
-    (model / "generation_config.json").write_text(json.dumps({**generation, "top_p": 0.95}))
+    honoured = {"repetition_penalty": 1.1, "top_p": 0.95}
+    (model / "generation_config.json").write_text(json.dumps({**generation, **honoured}))
+    engine_config(model)
     with pytest.raises(
-        ValueError, match=r"generation_config: top_p=0\.95 .*--generation-config vllm"
+        ValueError, match=r"generation_config: bad_words=\['x'\] .*--generation-config vllm"
     ):
-        engine_config(model)
+        refuse_unsupported_generation_defaults({"bad_words": ["x"], "top_p": 0.95})
+
+
+def test_the_design_doc_table_lists_every_field_with_its_handling() -> None:
+    """docs/engine-design.md §5: each field in exactly one row, whose handling cell says what
+    FIELDS says (and, for a field honoured in some modes only, names them)."""
+    doc = (Path(__file__).parents[2] / "docs" / "engine-design.md").read_text()
+    section = doc[doc.index("## 5.") : doc.index("## 6.")]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) != 3:
+            continue
+        for name in set(re.findall(r"`([a-z_]+)`", cells[0])):
+            if name in FIELDS:
+                assert name not in rows, f"{name} is in two rows"
+                rows[name] = cells[1]
+    assert rows.keys() == FIELDS.keys()
+    for name, field in FIELDS.items():
+        assert rows[name].startswith(field.handling), (name, rows[name])
+        if field.handling == HONOURED and field.modes != MODES:
+            assert all(f"`{m}`" in rows[name] for m in field.modes), (name, rows[name])

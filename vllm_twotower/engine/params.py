@@ -98,11 +98,11 @@ class TwoTowerParamsValidator(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         # The block step chooses tokens with the commit rule, not vLLM's sampler, so what
         # only that sampler implements is refused rather than silently ignored.
-        check_sampling_params(sampling_params)
         if _admission_defaults is not None:
-            _admission_defaults.resolve(sampling_params.extra_args)
+            params = _admission_defaults.resolve(sampling_params.extra_args)
         else:  # a process without the hook's defaults still checks what it can
-            resolve_params(sampling_params.extra_args, DiffusionDefaults(), 1 << 30)
+            params = resolve_params(sampling_params.extra_args, DiffusionDefaults(), 1 << 30)
+        check_sampling_params(sampling_params, params.mode)
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         pass

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 from vllm.sampling_params import SamplingParams
 
-from vllm_twotower.commit import fold_seed
+from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
 from vllm_twotower.params import MASK_DIFFUSION, MODES
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
@@ -100,12 +101,42 @@ class RequestTable:
         self.threshold = extend(None if first else self.threshold, f32)
         self.temperature = extend(None if first else self.temperature, f32)
         self.seed = extend(None if first else self.seed, long)
+        #: vLLM's min_p / top_k / top_p (commit.sampling_cutoff); 0, 0, 1 filter nothing
+        self.top_k = extend(None if first else self.top_k, long)
+        self.top_p = extend(None if first else self.top_p, torch.float64)
+        self.min_p = extend(None if first else self.min_p, torch.float64)
+        #: vLLM's penalties (logit_adjust.LogitAdjuster); 0, 0, 1 change nothing
+        self.presence = extend(None if first else self.presence, f32)
+        self.frequency = extend(None if first else self.frequency, f32)
+        self.repetition = extend(None if first else self.repetition, f32)
+        #: the request has structured outputs (vLLM's grammar bitmask; ar and mock_ar only)
+        self.structured = extend(None if first else self.structured, torch.bool)
+        #: each slot's logit_bias entries, [capacity, widest bias so far]; id -1 = unused
+        width = 0 if first else self.bias_ids.shape[1]
+        self.bias_ids = self._resized(None if first else self.bias_ids, capacity, width, -1)
+        self.bias_values = self._resized(None if first else self.bias_values, capacity, width, 0)
+        #: each slot's allowed_token_ids, [capacity, longest list so far]; id -1 = unused
+        width = 0 if first else self.allowed_ids.shape[1]
+        self.allowed_ids = self._resized(None if first else self.allowed_ids, capacity, width, -1)
+        #: min_tokens and the stop ids it bans (vLLM's all_stop_token_ids: EOS included)
+        self.min_tokens = extend(None if first else self.min_tokens, long)
+        width = 0 if first else self.stop_ids.shape[1]
+        self.stop_ids = self._resized(None if first else self.stop_ids, capacity, width, -1)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
         self.decided = extend(None if first else self.decided, long)
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
+
+    @staticmethod
+    def _resized(old: torch.Tensor | None, rows: int, width: int, fill: float) -> torch.Tensor:
+        """A ``[rows, width]`` copy of ``old`` padded with ``fill`` (int64 ids or float32)."""
+        dtype = torch.int64 if fill == -1 else torch.float32
+        new = torch.full((rows, width), fill, dtype=dtype)
+        if old is not None:
+            new[: old.shape[0], : old.shape[1]] = old
+        return new
 
     def slots(self, req_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
         """Slots of ``req_ids`` (``[R]`` int64), registering requests seen for the first time."""
@@ -132,8 +163,71 @@ class RequestTable:
         self.temperature[slot] = temperature
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(64)
         self.seed[slot] = fold_seed(seed)
+        self.top_k[slot] = max(sp.top_k, 0)  # vLLM: 0 and -1 both mean off
+        self.top_p[slot] = sp.top_p
+        self.min_p[slot] = sp.min_p
+        self.presence[slot] = sp.presence_penalty
+        self.frequency[slot] = sp.frequency_penalty
+        self.repetition[slot] = sp.repetition_penalty
+        self.structured[slot] = sp.structured_outputs is not None
+        bias = sp.logit_bias or {}
+        if len(bias) > self.bias_ids.shape[1]:
+            self.bias_ids = self._resized(self.bias_ids, self.capacity, len(bias), -1)
+            self.bias_values = self._resized(self.bias_values, self.capacity, len(bias), 0)
+        self.bias_ids[slot] = -1
+        self.bias_values[slot] = 0
+        self.bias_ids[slot, : len(bias)] = torch.tensor([int(i) for i in bias], dtype=torch.int64)
+        self.bias_values[slot, : len(bias)] = torch.tensor(list(bias.values()))
+        allowed = sp.allowed_token_ids or []
+        if len(allowed) > self.allowed_ids.shape[1]:
+            self.allowed_ids = self._resized(self.allowed_ids, self.capacity, len(allowed), -1)
+        self.allowed_ids[slot] = -1
+        self.allowed_ids[slot, : len(allowed)] = torch.tensor(allowed, dtype=torch.int64)
+        self.min_tokens[slot] = sp.min_tokens
+        stops = sorted(sp.all_stop_token_ids) if sp.min_tokens else []
+        if len(stops) > self.stop_ids.shape[1]:
+            self.stop_ids = self._resized(self.stop_ids, self.capacity, len(stops), -1)
+        self.stop_ids[slot] = -1
+        self.stop_ids[slot, : len(stops)] = torch.tensor(stops, dtype=torch.int64)
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
         return slot
+
+    def filters(self, slots: torch.Tensor) -> SamplingFilters:
+        """The sampling filters of ``slots`` (applied only where a row samples)."""
+        return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
+
+    def adjustments_active(self, slots: torch.Tensor) -> torch.Tensor:
+        """Bool per slot: the request sets a logit bias, a penalty, allowed ids or min_tokens."""
+        return adjustments_active(
+            self.presence[slots],
+            self.frequency[slots],
+            self.repetition[slots],
+            self.bias_ids[slots],
+            self.allowed_ids[slots],
+            self.min_tokens[slots],
+        )
+
+    def adjuster(
+        self,
+        slots: torch.Tensor,
+        vocab_size: int,
+        prompts: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+    ) -> LogitAdjuster:
+        """The bias and penalties of ``slots``, whose token histories are given."""
+        return LogitAdjuster.build(
+            vocab_size,
+            prompts=prompts,
+            outputs=outputs,
+            presence=self.presence[slots],
+            frequency=self.frequency[slots],
+            repetition=self.repetition[slots],
+            bias_ids=self.bias_ids[slots],
+            bias_values=self.bias_values[slots],
+            allowed_ids=self.allowed_ids[slots],
+            min_tokens=self.min_tokens[slots],
+            stop_ids=self.stop_ids[slots],
+        )
 
     def _stats_of(self, slot: int) -> RequestStats:
         return RequestStats(

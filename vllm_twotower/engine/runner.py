@@ -137,7 +137,9 @@ class TwoTowerRunnerMixin:
             out[diffusion_rows] = blocks.to(torch.int32)
         mock_rows = torch.nonzero(live & (mode == MOCK_AR)).flatten()
         if mock_rows.numel():
-            out[mock_rows, 0] = self._sample_mock_ar(mock_rows, slots[mock_rows], seq_lens)
+            out[mock_rows, 0] = self._sample_mock_ar(
+                mock_rows, slots[mock_rows], seq_lens, logits[mock_rows]
+            )
 
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
@@ -166,9 +168,16 @@ class TwoTowerRunnerMixin:
 
     @torch.inference_mode()
     def _sample_mock_ar(
-        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        context_logits: torch.Tensor,
     ) -> torch.Tensor:
         """Mock-AR: the denoiser on the last token over the context *before* it, no ``t``.
+
+        ``context_logits`` are the context tower's for the same next token, which carry vLLM's
+        grammar bitmask for rows with structured outputs (see :meth:`_tt_adjusted`).
 
         The keys/values before the last token are the cache's first ``seq_len - 1``; the
         Mamba states before it are the states kept before this step's context pass, carried
@@ -202,10 +211,11 @@ class TwoTowerRunnerMixin:
         table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
         tokens, _ = predict(
-            logits,
+            self._tt_adjusted(logits, rows, slots, context_logits),
             mask_id=None,
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
+            filters=table.filters(slots).to(logits.device),
         )
         self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu().to(torch.int32)
@@ -218,13 +228,56 @@ class TwoTowerRunnerMixin:
         device = logits.device
         keys = noise_row_keys(table.seed[slots], seq_lens, torch.zeros_like(seq_lens))
         tokens, _ = predict(
-            logits,
+            self._tt_adjusted(logits, rows, slots),
             mask_id=None,
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
+            filters=table.filters(slots).to(device),
         )
         self._tt_record_one_token_per_row(rows, logits, tokens)
         return tokens.cpu()
+
+    def _tt_adjusted(
+        self,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        grammar_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``logits [R, ..., V]`` of batch ``rows`` with their requests' logit bias and
+        penalties applied (:mod:`vllm_twotower.logit_adjust`); unchanged if none sets any.
+
+        The history is each row's tokens before this step's token or block: its prompt and
+        the output tokens vLLM's input batch holds (``seq_len`` tokens in all).
+
+        Structured outputs: vLLM's ``sample_tokens`` applies the scheduler's grammar bitmask
+        in place to the context tower's logits before it calls ``_sample`` (xgrammar sets the
+        disallowed ids to ``-inf``), so ``ar`` rows arrive constrained.  ``grammar_logits``
+        (those context logits, for logits of another tower: mock-AR's denoiser) carry the
+        bitmask over: a structured row may not choose an id that is ``-inf`` there.
+        """
+        table = self.tt_requests
+        if grammar_logits is not None:
+            structured = table.structured[slots].to(logits.device)
+            if bool(structured.any()):
+                banned = structured[:, None] & (grammar_logits == float("-inf"))
+                logits = logits.masked_fill(banned, float("-inf"))
+        if not bool(table.adjustments_active(slots).any()):
+            return logits
+        token_ids = vi.row_token_ids(self)
+        prompt_len = vi.prompt_token_counts(self)[rows]
+        seq_len = vi.sequence_lengths(self)[rows]
+        history = [
+            torch.from_numpy(token_ids[int(r), : int(n)].astype("int64"))
+            for r, n in zip(rows, seq_len, strict=True)
+        ]
+        adjust = table.adjuster(
+            slots,
+            logits.shape[-1],
+            prompts=[h[: int(p)] for h, p in zip(history, prompt_len, strict=True)],
+            outputs=[h[int(p) :] for h, p in zip(history, prompt_len, strict=True)],
+        )
+        return adjust.to(logits.device)(logits)
 
     def _tt_record_one_token_per_row(
         self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor
@@ -260,6 +313,7 @@ class TwoTowerRunnerMixin:
             "block_start": block_start,
         }
         setting = {name: value.to(device) for name, value in setting.items()}
+        filters = table.filters(slots).to(device)
         step = torch.zeros(rows.numel(), dtype=torch.long, device=device)
         model = self.get_model()
         active = torch.ones(rows.numel(), dtype=torch.bool, device=device)
@@ -272,7 +326,7 @@ class TwoTowerRunnerMixin:
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
             logits = model.denoise(sub, rows_context, t, row["block_size"])
             result = commit_step(
-                logits,
+                self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()]),
                 sub,
                 mask_id=mask_id,
                 threshold=row["threshold"],
@@ -281,6 +335,7 @@ class TwoTowerRunnerMixin:
                 temperature=row["temperature"],
                 seed=row["seed"],
                 block_start=row["block_start"],
+                filters=filters.select(idx),
             )
             if self._tt_logprobs is not None:  # each token from the pass that decided it
                 decided = torch.nonzero((sub == mask_id) & (result.canvas != mask_id))

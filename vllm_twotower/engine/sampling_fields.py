@@ -1,10 +1,11 @@
 """Every ``SamplingParams`` field, classified: honoured by the TwoTower engine, or refused.
 
 The block step chooses every token (in each mode, ``ar`` included) with the commit rule
-(:mod:`vllm_twotower.commit`: temperature and position-keyed Gumbel noise over the full
-vocabulary), not with vLLM's sampler.  So what vLLM implements *inside* its sampler or its
-logits processors (nucleus / top-k / min-p filtering, penalties, logit bias, allowed and bad
-words, ``min_tokens``' EOS suppression, structured outputs) would not be applied.  Instead
+(:mod:`vllm_twotower.commit`: temperature, vLLM's ``min_p`` / ``top_k`` / ``top_p`` filters
+and position-keyed Gumbel noise) over logits with vLLM's allowed ids, bias and penalties
+applied (:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler; structured outputs reach
+it as vLLM's grammar bitmask (``ar`` and ``mock_ar``).  So what vLLM implements *inside* its
+sampler or its logits processors beyond those (bad words) would not be applied.  Instead
 of silently ignoring such a field, admission refuses a request that sets it to anything but
 its neutral value, with a message naming the field (HTTP 400 from the server).
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from vllm_twotower.params import AR, MOCK_AR, MODES
 
 HONOURED, REFUSED, INTERNAL = "honoured", "refused", "internal"
 
@@ -44,16 +47,35 @@ class Field:
 
     handling: str  # HONOURED, REFUSED or INTERNAL
     where: str  # who applies it, or why it cannot be applied yet
-    neutral: Callable[[Any], bool] = _unset  # REFUSED: the values that change nothing
+    neutral: Callable[[Any], bool] = _unset  # the values that change nothing
+    #: HONOURED: the modes that apply it; a request of another mode setting it is refused
+    modes: tuple[str, ...] = MODES
+    why_not: str = ""  # HONOURED in some modes: why the others refuse it
+
+    def refused_in(self, mode: str | None) -> bool:
+        """Whether a non-neutral value is refused for a request of ``mode`` (``None``: any)."""
+        if self.handling == HONOURED:
+            return mode is not None and mode not in self.modes
+        return self.handling == REFUSED
 
 
 _SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
+_ADJUST = "logit_adjust.LogitAdjuster, on the logits the commit rule chooses from"
 
 FIELDS: Mapping[str, Field] = {
     # Honoured: the commit rule, the scheduler, the front end, the context tower.
     "n": Field(HONOURED, "vLLM's front end (n child requests, each with its own noise seed)"),
     "temperature": Field(HONOURED, "the commit rule (0 = greedy)"),
     "seed": Field(HONOURED, "the commit rule's position-keyed noise"),
+    "top_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "top_k": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "min_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
+    "presence_penalty": Field(HONOURED, _ADJUST),
+    "frequency_penalty": Field(HONOURED, _ADJUST),
+    "repetition_penalty": Field(HONOURED, _ADJUST),
+    "logit_bias": Field(HONOURED, _ADJUST),
+    "allowed_token_ids": Field(HONOURED, _ADJUST),
+    "min_tokens": Field(HONOURED, _ADJUST + " (stop ids banned while the output is shorter)"),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -76,20 +98,15 @@ FIELDS: Mapping[str, Field] = {
     "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
     # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
-    "top_p": Field(REFUSED, _SAMPLER, _equals(1.0)),
-    "top_k": Field(REFUSED, _SAMPLER, _equals(0, -1)),
-    "min_p": Field(REFUSED, _SAMPLER, _equals(0.0)),
-    "presence_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
-    "frequency_penalty": Field(REFUSED, _SAMPLER, _equals(0.0)),
-    "repetition_penalty": Field(REFUSED, _SAMPLER, _equals(1.0)),
-    "logit_bias": Field(REFUSED, _SAMPLER, _empty),
-    "allowed_token_ids": Field(REFUSED, _SAMPLER, _empty),
     "bad_words": Field(REFUSED, _SAMPLER, _empty),
-    "min_tokens": Field(
-        REFUSED, "vLLM's min-tokens logits processor (EOS suppression)", _equals(0)
-    ),
     "logprob_token_ids": Field(REFUSED, _SAMPLER),
-    "structured_outputs": Field(REFUSED, "vLLM's grammar bitmask, applied in its sampler"),
+    "structured_outputs": Field(
+        HONOURED,
+        "vLLM's grammar bitmask on the logits of the one token a step chooses",
+        modes=(AR, MOCK_AR),
+        why_not="a diffusion block commits tokens out of order, which a left-to-right grammar "
+        'cannot constrain; use "mode": "ar" (or "mock_ar")',
+    ),
     "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),
     "watermarking": Field(REFUSED, "Model Runner V2's sampler (TwoTower runs on V1)"),
     "trace_decode_token_ids": Field(REFUSED, "Model Runner V2's trace replay"),
@@ -105,26 +122,34 @@ FIELDS: Mapping[str, Field] = {
 }
 
 
-def refused_fields(values: Mapping[str, Any]) -> list[str]:
-    """The refused fields that ``values`` sets to something other than a neutral value."""
+def refused_fields(values: Mapping[str, Any], mode: str | None = None) -> list[str]:
+    """The fields refused for ``mode`` (``None``: refused in every mode) that ``values`` sets
+    to something other than a neutral value."""
     return [
         name
         for name, field in FIELDS.items()
-        if field.handling == REFUSED and name in values and not field.neutral(values[name])
+        if field.refused_in(mode) and name in values and not field.neutral(values[name])
     ]
 
 
-def refusal_message(name: str, value: Any) -> str:
+def refusal_message(name: str, value: Any, mode: str | None = None) -> str:
     """Why a request (or a server default) setting ``name`` is refused."""
+    field = FIELDS[name]
+    if field.handling == HONOURED:
+        return (
+            f"{name}={value!r} is not supported in mode {mode!r} by the TwoTower engine "
+            f"(only in {', '.join(repr(m) for m in field.modes)}): {field.why_not} "
+            "(see docs/engine-design.md §5)"
+        )
     return (
         f"{name}={value!r} is not supported by the TwoTower engine: it is applied by "
-        f"{FIELDS[name].where}; leave {name} unset (see docs/engine-design.md §5)"
+        f"{field.where}; leave {name} unset (see docs/engine-design.md §5)"
     )
 
 
-def check_sampling_params(sampling_params: Any) -> None:
-    """Raise ``ValueError`` naming the first refused field a request sets."""
+def check_sampling_params(sampling_params: Any, mode: str) -> None:
+    """Raise ``ValueError`` naming the first field a request of ``mode`` may not set."""
     values = {name: getattr(sampling_params, name, None) for name in FIELDS}
-    refused = refused_fields(values)
+    refused = refused_fields(values, mode)
     if refused:
-        raise ValueError(refusal_message(refused[0], values[refused[0]]))
+        raise ValueError(refusal_message(refused[0], values[refused[0]], mode))

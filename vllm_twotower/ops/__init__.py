@@ -20,7 +20,7 @@ DISABLE_ENV = "TWOTOWER_DISABLE_KERNELS"
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 #: Must equal ``kOpsVersion`` in ``csrc/version.h``; a mismatch means a stale build.
-EXPECTED_OPS_VERSION = 3
+EXPECTED_OPS_VERSION = 4
 
 
 @functools.cache

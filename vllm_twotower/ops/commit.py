@@ -37,10 +37,24 @@ def commit_step_kernel(
     temperature: torch.Tensor,
     seed: torch.Tensor,
     block_start: torch.Tensor,
+    cutoff: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(canvas, num_committed, confidence)`` from the compiled kernel; arguments as the rule's."""
+    """``(canvas, num_committed, confidence)`` from the compiled kernel; arguments as the rule's.
+
+    ``cutoff`` is ``[B, S]`` float64 :func:`vllm_twotower.commit.sampling_cutoff`: a sampling
+    position draws only among tokens whose tempered logit is ``>=`` it (``-inf``: all).
+    """
     return torch.ops.twotower.commit_step(
-        logits, canvas, mask_id, threshold, step, steps_per_block, temperature, seed, block_start
+        logits,
+        canvas,
+        mask_id,
+        threshold,
+        step,
+        steps_per_block,
+        temperature,
+        seed,
+        block_start,
+        cutoff,
     )
 
 
@@ -58,6 +72,7 @@ def _register_fake() -> None:
         temperature: torch.Tensor,
         seed: torch.Tensor,
         block_start: torch.Tensor,
+        cutoff: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, positions = canvas.shape
         return (

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_twotower.commit import commit_step, fold_seed, noise_row_keys, predict, token_logprobs
+from vllm_twotower.commit import (
+    SamplingFilters,
+    commit_step,
+    fold_seed,
+    noise_row_keys,
+    predict,
+    token_logprobs,
+)
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, TwoTowerParams
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
@@ -34,6 +42,58 @@ class SamplingSpec:
     temperature: float = 0.0
     seed: int = 0
     ignore_eos: bool = False
+    #: vLLM's filters of the sampled distribution (:func:`~vllm_twotower.commit.sampling_cutoff`)
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    #: vLLM's penalties, logit bias and allowed ids (:mod:`vllm_twotower.logit_adjust`)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] = ()
+    #: EOS is banned until the output is this long (vLLM bans it even under ``ignore_eos``)
+    min_tokens: int = 0
+
+    def adjust(
+        self, logits: torch.Tensor, prompt: torch.Tensor, output_ids: list[int], eos: int
+    ) -> torch.Tensor:
+        """``logits`` (one row: ``[..., V]``) with this request's allowed ids, ``min_tokens``
+        (banning ``eos``), bias and penalties, given the tokens committed before the token or
+        block they choose."""
+        bias_ids = torch.tensor([[i for i, _ in self.logit_bias]], dtype=torch.int64)
+        bias_values = torch.tensor([[v for _, v in self.logit_bias]], dtype=torch.float32)
+        allowed_ids = torch.tensor([self.allowed_token_ids], dtype=torch.int64).view(1, -1)
+        penalties = [self.presence_penalty, self.frequency_penalty, self.repetition_penalty]
+        presence, frequency, repetition = (torch.tensor([p]) for p in penalties)
+        bias_ids = bias_ids.view(1, -1)
+        min_tokens = torch.tensor([self.min_tokens])
+        lists = (bias_ids, allowed_ids, min_tokens)
+        if not bool(adjustments_active(presence, frequency, repetition, *lists)):
+            return logits
+        adjuster = LogitAdjuster.build(
+            logits.shape[-1],
+            prompts=[prompt],
+            outputs=[torch.tensor(output_ids, dtype=torch.int64)],
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
+            bias_ids=bias_ids,
+            bias_values=bias_values.view(1, -1),
+            allowed_ids=allowed_ids,
+            min_tokens=min_tokens,
+            stop_ids=torch.tensor([[eos]]),
+        )
+        return adjuster.to(logits.device)(logits[None])[0]
+
+    def filters(self, rows: int = 1) -> SamplingFilters:
+        """These filters for ``rows`` rows (``rows = 0``: one row, unbatched)."""
+        shape = (rows,) if rows else ()
+        return SamplingFilters(
+            torch.full(shape, max(self.top_k, 0), dtype=torch.int64),
+            torch.full(shape, self.top_p, dtype=torch.float64),
+            torch.full(shape, self.min_p, dtype=torch.float64),
+        )
 
 
 @dataclass
@@ -104,15 +164,24 @@ class _Stopper:
 
 
 def _emit_next(
-    result: GenerationResult, logits: torch.Tensor, sampling: SamplingSpec, position: int
+    result: GenerationResult,
+    logits: torch.Tensor,
+    sampling: SamplingSpec,
+    position: int,
+    prompt: torch.Tensor,
+    eos: int,
 ) -> int:
     """Append the next token from one logit row (no mask suppression: AR and mock-AR may emit
-    it) and its log-probability to ``result``; return the token."""
+    it; bias and penalties applied) and its raw log-probability to ``result``; return it."""
     keys = noise_row_keys(
         torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
     )
     token, _ = predict(
-        logits, mask_id=None, temperature=torch.tensor(sampling.temperature), row_keys=keys
+        sampling.adjust(logits, prompt, result.output_ids, eos),
+        mask_id=None,
+        temperature=torch.tensor(sampling.temperature),
+        row_keys=keys,
+        filters=sampling.filters(rows=0).to(logits.device),
     )
     result.output_ids.append(int(token))
     result.logprobs.append(float(token_logprobs(logits, mask_id=None)[token]))
@@ -127,7 +196,8 @@ def _generate_ar(
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     logits, state = model.extend_context(prompt, model.empty_context())
     while True:
-        token = _emit_next(result, logits[-1], sampling, state.length)
+        eos = model.config.eos_token_id
+        token = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
         if stopper.finish(result):
             return result
         logits, state = model.extend_context(prompt.new_tensor([token]), state)
@@ -147,7 +217,8 @@ def _generate_mock_ar(
     while True:
         logits = model.denoise(last, before, t=None)
         result.nfe += 1
-        token = _emit_next(result, logits[-1], sampling, before.length + 1)
+        eos = model.config.eos_token_id
+        token = _emit_next(result, logits[-1], sampling, before.length + 1, prompt, eos)
         if stopper.finish(result):
             return result
         _, before = model.extend_context(last, before)
@@ -164,6 +235,8 @@ def fill_blocks(
     device: torch.device,
     temperature: float = 0.0,
     seed: int = 0,
+    filters: SamplingFilters | None = None,
+    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
 
@@ -171,7 +244,9 @@ def fill_blocks(
     included).  Returns ``(blocks [rows, S], positions decided by each pass [rows], each
     token's log-probability in the pass that decided it [rows, S])``; passes stop once no row
     holds a mask.  The reference calls it with one row; stage-2 validation
-    (:mod:`vllm_twotower.train.decoding`) with a batch of equal-length prompts.
+    (:mod:`vllm_twotower.train.decoding`) with a batch of equal-length prompts.  ``filters``
+    (per row) and ``adjust`` (logit bias and penalties) shape the distribution tokens are
+    committed from; the log-probabilities are those of the raw logits.
     """
     size, steps = params.block_size, params.steps_per_block
     canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
@@ -186,7 +261,7 @@ def fill_blocks(
             break
         logits = logits_of(canvas)
         committed = commit_step(
-            logits,
+            adjust(logits) if adjust is not None else logits,
             canvas,
             mask_id=mask_id,
             threshold=per_row(params.confidence_threshold, torch.float32),
@@ -195,6 +270,7 @@ def fill_blocks(
             temperature=per_row(temperature, torch.float32),
             seed=per_row(seed, torch.long),
             block_start=per_row(block_start, torch.long),
+            filters=filters,
         )
         decided = (canvas == mask_id) & (committed.canvas != mask_id)
         chosen = token_logprobs(logits, mask_id=mask_id).gather(-1, committed.canvas[..., None])
@@ -209,9 +285,12 @@ def denoise_block(
     context: ContextState,
     params: TwoTowerParams,
     sampling: SamplingSpec,
+    prompt: torch.Tensor,
+    output_ids: list[int],
 ) -> tuple[torch.Tensor, list[int], list[float]]:
-    """Fill one block of ``[MASK]`` after ``context``; return ``(block ids, tokens per pass,
-    each token's log-probability)``."""
+    """Fill one block of ``[MASK]`` after ``context`` (``prompt`` then ``output_ids``, the
+    history the penalties see); return ``(block ids, tokens per pass, each token's
+    log-probability)``."""
     mask_id = model.config.diffusion.mask_token_id
 
     def logits_of(canvas: torch.Tensor) -> torch.Tensor:
@@ -227,6 +306,10 @@ def denoise_block(
         device=model.device,
         temperature=sampling.temperature,
         seed=fold_seed(sampling.seed),
+        filters=sampling.filters(rows=1).to(model.device),
+        adjust=lambda logits: sampling.adjust(
+            logits, prompt, output_ids, model.config.eos_token_id
+        ),
     )
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
@@ -238,7 +321,9 @@ def _generate_diffusion(
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     _, context = model.extend_context(prompt, model.empty_context())
     while True:
-        block, per_pass, logprobs = denoise_block(model, context, params, sampling)
+        block, per_pass, logprobs = denoise_block(
+            model, context, params, sampling, prompt, result.output_ids
+        )
         result.nfe += len(per_pass)
         result.tokens_per_step.extend(per_pass)
         result.output_ids.extend(block.tolist())
