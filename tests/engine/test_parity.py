@@ -45,6 +45,11 @@ CASES = [
     Case(129, {"block_size": 4, "steps_per_block": 2, "confidence_threshold": 1.0}),
     Case(64, {}, max_tokens=32),  # prompt of whole scheduler chunks and whole blocks
     Case(32, {"mode": "ar"}, max_tokens=16),
+    # speculative (issue #20): ar's output, drafted a block at a time
+    Case(9, {"mode": "speculative"}, logprobs=2),
+    Case(70, {"mode": "speculative", "block_size": 5}, max_tokens=23),
+    Case(40, {"mode": "speculative", "draft_threshold": 0.3}, temperature=0.9, seed=14),
+    Case(3, {"mode": "speculative"}, max_tokens=1),  # c alone is the whole output
 ]
 
 
@@ -70,6 +75,7 @@ def reference_results(model: TwoTowerModel, prompts, cases):
                 confidence_threshold=args.get(
                     "confidence_threshold", defaults.confidence_threshold
                 ),
+                draft_threshold=args.get("draft_threshold"),
             )
         )
         sampling.append(

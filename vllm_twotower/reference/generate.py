@@ -287,9 +287,9 @@ def _generate_speculative(
     draft_params = params.draft()
     logits, state = model.extend_context(prompt, model.empty_context())
     while True:
+        # The engine drafts in the step that chooses c, before the scheduler sees c: so does
+        # the reference (the denoiser counters stay equal), and cuts after the verification.
         first = _emit_next(result, logits[-1], sampling, state.length)
-        if stopper.finish(result):
-            return result
         draft, per_pass, _ = denoise_block(model, state, draft_params, sampling, first=first)
         result.nfe += len(per_pass)
         verify, _ = model.extend_context(draft, state)
