@@ -91,3 +91,14 @@ def test_speculative_equals_ar_on_the_test_split(
     ar = generate(tasks_model, prompts, TwoTowerParams(AR), sampling)
     spec = generate(tasks_model, prompts, TwoTowerParams(SPECULATIVE), sampling)
     assert [s.output_ids for s in spec] == [a.output_ids for a in ar]
+
+
+def test_c_may_be_the_mask_id(tiny_model: TwoTowerModel) -> None:
+    """``ar`` may emit the mask id (no suppression), which the commit rule reads as undecided:
+    the draft must still start with ``c`` (found by the preemption test's tiny random model)."""
+    prompt = [1, *torch.randint(4, 128, (148,), generator=torch.Generator().manual_seed(1307))]
+    sampling = SamplingSpec(max_new_tokens=100)
+    (ar,) = generate(tiny_model, [prompt], TwoTowerParams(AR), sampling)
+    (spec,) = generate(tiny_model, [prompt], TwoTowerParams(SPECULATIVE), sampling)
+    assert tiny_model.config.diffusion.mask_token_id in ar.output_ids
+    assert spec.output_ids == ar.output_ids

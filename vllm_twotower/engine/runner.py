@@ -350,6 +350,7 @@ class TwoTowerRunnerMixin:
         """
         table, device = self.tt_requests, self.device
         draft = self._denoise_blocks(rows, slots, seq_lens, first=first)
+        draft[:, 0] = first  # even where c is the mask id, which the commit rule fills
         block_size = table.block_size[slots]
         block_start = seq_lens[rows]
         ids = torch.where(draft == PLACEHOLDER, self.tt_pad_id, draft).long().to(device)

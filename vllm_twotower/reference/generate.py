@@ -291,6 +291,9 @@ def _generate_speculative(
         # the reference (the denoiser counters stay equal), and cuts after the verification.
         first = _emit_next(result, logits[-1], sampling, state.length)
         draft, per_pass, _ = denoise_block(model, state, draft_params, sampling, first=first)
+        # ar may choose the mask id itself, which the commit rule reads as undecided and
+        # fills: the draft keeps c whatever the denoiser put there.
+        draft[0] = first
         result.nfe += len(per_pass)
         verify, _ = model.extend_context(draft, state)
         ar, accepted = accept_draft(
