@@ -102,3 +102,16 @@ def test_c_may_be_the_mask_id(tiny_model: TwoTowerModel) -> None:
     (spec,) = generate(tiny_model, [prompt], TwoTowerParams(SPECULATIVE), sampling)
     assert tiny_model.config.diffusion.mask_token_id in ar.output_ids
     assert spec.output_ids == ar.output_ids
+
+
+def test_max_new_tokens_cuts_before_a_later_eos(tasks_model: TwoTowerModel) -> None:
+    """A step that emits past ``max_new_tokens`` is cut there even if an EOS follows in it
+    (``ar`` never sees that EOS); the reference once cut at the EOS instead."""
+    prompts = _test_prompts(2)
+    sampling = SamplingSpec(max_new_tokens=8)
+    ar = generate(tasks_model, prompts, TwoTowerParams(AR), sampling)
+    spec = generate(tasks_model, prompts, TwoTowerParams(SPECULATIVE), sampling)
+    assert [(r.output_ids, r.finish_reason) for r in spec] == [
+        (r.output_ids, r.finish_reason) for r in ar
+    ]
+    assert "length" in [r.finish_reason for r in ar]

@@ -106,14 +106,14 @@ class _Stopper:
 
     def finish(self, result: GenerationResult) -> bool:
         """Cut ``result.output_ids`` after EOS / at the length limit; True when done."""
-        ids = result.output_ids
+        ids = result.output_ids[: self.max_new_tokens]  # an EOS past the limit is not seen
         if self.eos is not None and self.eos in ids:
             end, result.finish_reason = ids.index(self.eos) + 1, "stop"
         elif len(ids) >= self.max_new_tokens:
             end, result.finish_reason = self.max_new_tokens, "length"
         else:
             return False
-        del ids[end:], result.logprobs[end:]
+        del result.output_ids[end:], result.logprobs[end:]
         return True
 
 
