@@ -117,7 +117,7 @@ def measure_reference(
     """The reference implementation, one request at a time, in every mode."""
     model = TwoTowerModel.from_pretrained(checkpoint).to(device)
     config = model.config
-    results = []
+    results, outputs = [], {}
     for mode in (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE):
         # The same resolution an engine request with extra_args={"mode": mode} gets.
         params = resolve_params({"mode": mode}, config.diffusion, config.max_block_size)
@@ -131,12 +131,16 @@ def measure_reference(
             row.seconds += time.perf_counter() - start
             row.requests += 1
             row.tokens += len(out.output_ids)
+            outputs.setdefault(mode, []).append(out.output_ids)
             row.nfe += out.nfe
             row.accepted += sum(out.accepted)
             row.blocks += len(out.accepted)  # speculative drafts (none in the other modes)
             if mode == MASK_DIFFUSION:  # whole blocks are denoised, then the output is cut
                 row.blocks += -(-len(out.output_ids) // params.block_size)
         results.append(row)
+    results[-1].differ_from_ar = sum(
+        s != a for s, a in zip(outputs[SPECULATIVE], outputs[AR], strict=True)
+    )
     return results
 
 

@@ -295,7 +295,8 @@ class TwoTowerRunnerMixin:
         setting = {name: value.to(device) for name, value in setting.items()}
         step = torch.zeros(rows.numel(), dtype=torch.long, device=device)
         model = self.get_model()
-        active = torch.ones(rows.numel(), dtype=torch.bool, device=device)
+        # A speculative draft of block size 1 is decided before any pass, as in the reference.
+        active = (canvas == mask_id).any(dim=-1)
         while bool(active.any()):
             idx = torch.nonzero(active).flatten()
             sub = canvas[idx]
