@@ -5,17 +5,19 @@
     python benchmarks/throughput.py --reference-only --device cuda   # the reference on a GPU
 
 One ``LLM`` engine on the embedded checkpoint serves the same test-split prompts as
-``mask_diffusion``, ``mock_ar`` and ``ar`` requests (greedy, per-request ``extra_args``).  For a
-batch size ``B`` the prompts go in waves of ``B`` (one ``LLM.generate`` call per wave and mode,
-modes interleaved wave by wave, so that load from other processes hits every mode alike); the
-engine admits up to ``max(batch sizes)`` sequences, so a wave runs as one continuous batch that
-drains as its requests finish.  Requests stop at EOS (the tasks' answers are 2 to 13 tokens plus
-EOS) or at ``--max-tokens``; the table gives the mean output length per mode so that a reader can
-see that the modes did the same work.  Reported per mode and batch size:
+``mask_diffusion``, ``mock_ar``, ``ar`` and ``speculative`` requests (greedy, per-request
+``extra_args``). For a batch size ``B`` the prompts go in waves of ``B`` (one ``LLM.generate``
+call per wave and mode, modes interleaved wave by wave, so that load from other processes hits
+every mode alike); the engine admits up to ``max(batch sizes)`` sequences, so a wave runs as one
+continuous batch that drains as its requests finish. Requests stop at EOS (the tasks' answers
+are 2 to 13 tokens plus EOS) or at ``--max-tokens``; the table gives the mean output length per
+mode so that a reader can see that the modes did the same work.  Reported per mode and batch size:
 
 * output tokens/s, and its ratio to AR's in the same waves (the headline);
 * tokens per denoiser pass (NFE) and passes per block, from the plugin's stats RPC;
-* ms per block: wall time per block of one request stream (``wall × B / blocks``).
+* ms per block: wall time per block of one request stream (``wall × B / blocks``);
+* speculative: drafted tokens accepted per draft, output tokens per verification step, and how
+  many outputs differ from ``ar``'s on the same prompts (must be 0).
 
 The reference implementation (:func:`vllm_twotower.reference.generate`, one request at a time)
 runs the same prompts at batch 1, giving the engine-vs-reference ratio.  Timings are wall clock
@@ -36,7 +38,7 @@ from docsections import PERFORMANCE, machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split, load_tokenizer
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, resolve_params
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, SPECULATIVE, resolve_params
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,10 @@ class Measurement:
     tokens: int = 0
     seconds: float = 0.0
     nfe: int = 0
-    blocks: int = 0
+    blocks: int = 0  # diffusion blocks, or speculative drafts (one per verification step)
+    accepted: int = 0  # speculative: drafted tokens accepted
+    #: speculative: requests whose output differs from ar's on the same path and prompts
+    differ_from_ar: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,6 +69,10 @@ class Measurement:
         per_pass = f"{self.tokens / self.nfe:.2f}" if self.nfe else "–"
         per_block = f"{self.nfe / self.blocks:.2f}" if self.blocks else "–"
         block_ms = f"{1e3 * self.seconds * self.batch / self.blocks:.1f}" if self.blocks else "–"
+        speculative = self.mode == SPECULATIVE and self.blocks
+        # Tokens per verification step: c, the accepted guesses, the AR token after them.
+        per_step = f"{self.tokens / self.blocks:.2f}" if speculative else "–"
+        accepted = f"{self.accepted / self.blocks:.2f}" if speculative else "–"
         return [
             self.label,
             self.mode,
@@ -75,6 +84,8 @@ class Measurement:
             per_pass,
             per_block,
             block_ms,
+            accepted,
+            per_step,
         ]
 
 
@@ -89,6 +100,8 @@ HEADER = [
     "tokens/pass",
     "passes/block",
     "ms/block",
+    "accepted/draft",
+    "tokens/verification",
 ]
 
 
@@ -104,8 +117,8 @@ def measure_reference(
     """The reference implementation, one request at a time, in every mode."""
     model = TwoTowerModel.from_pretrained(checkpoint).to(device)
     config = model.config
-    results = []
-    for mode in (MASK_DIFFUSION, MOCK_AR, AR):
+    results, outputs = [], {}
+    for mode in (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE):
         # The same resolution an engine request with extra_args={"mode": mode} gets.
         params = resolve_params({"mode": mode}, config.diffusion, config.max_block_size)
         row = Measurement("reference", mode, batch=1)
@@ -118,10 +131,16 @@ def measure_reference(
             row.seconds += time.perf_counter() - start
             row.requests += 1
             row.tokens += len(out.output_ids)
+            outputs.setdefault(mode, []).append(out.output_ids)
             row.nfe += out.nfe
+            row.accepted += sum(out.accepted)
+            row.blocks += len(out.accepted)  # speculative drafts (none in the other modes)
             if mode == MASK_DIFFUSION:  # whole blocks are denoised, then the output is cut
                 row.blocks += -(-len(out.output_ids) // params.block_size)
         results.append(row)
+    results[-1].differ_from_ar = sum(
+        s != a for s, a in zip(outputs[SPECULATIVE], outputs[AR], strict=True)
+    )
     return results
 
 
@@ -142,6 +161,7 @@ def timed_generate(llm: Any, wave: list[Any], params: Any, row: Measurement) -> 
     row.tokens += timed.tokens
     row.nfe += timed.nfe
     row.blocks += timed.blocks
+    row.accepted += timed.accepted
     return timed.outputs
 
 
@@ -160,11 +180,16 @@ def measure_engine(
         rows = {m: Measurement("vLLM", m, batch) for m in MODES}
         for w in range(waves):
             wave = [inputs[(w * batch + i) % len(inputs)] for i in range(batch)]
+            outputs = {}
             for mode, row in rows.items():
                 params = SamplingParams(
                     max_tokens=max_tokens, temperature=0.0, extra_args={"mode": mode}
                 )
-                timed_generate(llm, wave, params, row)
+                outs = timed_generate(llm, wave, params, row)
+                outputs[mode] = [list(o.outputs[0].token_ids) for o in outs]
+            rows[SPECULATIVE].differ_from_ar += sum(
+                s != a for s, a in zip(outputs[SPECULATIVE], outputs[AR], strict=True)
+            )
         results += rows.values()
     return results
 
@@ -187,6 +212,13 @@ def summary(rows: list[Measurement]) -> list[str]:
             lines.append(
                 f"- {r.label}, batch {r.batch}: diffusion / AR = "
                 f"{r.tokens_per_s / ar.tokens_per_s:.2f}×"
+            )
+        if r.mode == SPECULATIVE and ar and ar.tokens_per_s and r.blocks:
+            lines.append(
+                f"- {r.label}, batch {r.batch}: speculative / AR = "
+                f"{r.tokens_per_s / ar.tokens_per_s:.2f}×, {r.tokens / r.blocks:.2f} tokens "
+                f"per verification step ({r.accepted / r.blocks:.2f} drafted tokens accepted), "
+                f"{r.differ_from_ar} of {r.requests} outputs differ from AR"
             )
     engine = lookup.get(("vLLM", MASK_DIFFUSION, 1))
     ref = lookup.get(("reference", MASK_DIFFUSION, 1))

@@ -55,6 +55,11 @@ def test_defaults_fill_in() -> None:
         ({"steps_per_blocks": 4}, "steps_per_block"),
         ({"blockSize": 4}, "block_size"),
         ({"confidence-threshold": 0.5}, "confidence_threshold"),
+        ({"mode": "speculative", "draft_threshold": 0.0}, "draft_threshold"),
+        ({"mode": "speculative", "draft_threshold": 1.5}, "draft_threshold"),
+        ({"mode": "speculative", "draft_threshold": "x"}, "draft_threshold"),
+        ({"mode": "ar", "draft_threshold": float("nan")}, "draft_threshold"),
+        ({"draftThreshold": 0.5}, "draft_threshold"),
     ],
 )
 def test_invalid_values_name_the_field(args: dict, field: str) -> None:
@@ -68,6 +73,15 @@ def test_bounds_are_inclusive_and_documented() -> None:
     got = resolve_params({"mode": "ar", "steps_per_block": top, "block_size": 16}, DEFAULTS, 16)
     assert (got.steps_per_block, got.block_size) == (top, 16)
     assert resolve_params({"confidence_threshold": 1}, DEFAULTS, 16).confidence_threshold == 1.0
+    assert resolve_params({"draft_threshold": 1}, DEFAULTS, 16).draft_threshold == 1.0
+
+
+def test_speculative_draft_parameters() -> None:
+    """One pass with every position decided by default; γ gives the commit rule more passes."""
+    one_pass = resolve_params({"mode": "speculative"}, DEFAULTS, 16).draft()
+    assert (one_pass.steps_per_block, one_pass.draft_threshold) == (1, None)
+    gamma = resolve_params({"mode": "speculative", "draft_threshold": 0.5}, DEFAULTS, 16).draft()
+    assert (gamma.steps_per_block, gamma.confidence_threshold) == (16, 0.5)
 
 
 def test_other_owners_keys_are_left_alone() -> None:

@@ -339,3 +339,62 @@ def commit_step_torch(
         num_committed=commits.sum(dim=-1),
         confidence=confidence,
     )
+
+
+def ar_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    first_position: torch.Tensor,
+    filters: SamplingFilters | None = None,
+) -> torch.Tensor:
+    """The AR token each context-tower logit row ``[R, S, V]`` predicts, exactly as ``ar`` takes it.
+
+    Row ``r``'s logit ``i`` predicts absolute position ``first_position[r] + i``; its noise is
+    keyed ``(seed, position, step 0)``, the mask id is not suppressed and row ``r``'s
+    ``filters`` (``[R]``) apply, as in ``ar`` mode.
+    """
+    positions = first_position.unsqueeze(-1) + torch.arange(logits.shape[1], device=logits.device)
+    keys = noise_row_keys(seed.unsqueeze(-1), positions, torch.zeros_like(positions))
+    temps = temperature.unsqueeze(-1).expand(positions.shape)
+    position_filters = filters.expand(positions.shape) if filters is not None else None
+    return predict(
+        logits, mask_id=None, temperature=temps, row_keys=keys, filters=position_filters
+    )[0]
+
+
+def accept_draft(
+    draft: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    length: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    block_start: torch.Tensor,
+    filters: SamplingFilters | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative acceptance rule: what a verified draft lets a request emit.
+
+    ``draft [R, S]`` holds, from absolute position ``block_start``, the AR token ``c`` the
+    context tower already chose and the denoiser's guesses after it; only the first
+    ``length[r]`` positions of row ``r`` count.  ``logits [R, S, V]`` are the context tower's
+    over the draft (causal: logit ``i`` has seen ``draft[:i + 1]`` only).  The AR token after
+    draft position ``i`` is recomputed from logit ``i`` (:func:`ar_tokens`); the ``k`` leading
+    guesses that equal it are accepted, plus the AR token at the first mismatch (or after the
+    last position).  Every emitted token is therefore the one ``ar`` mode would emit there.
+
+    Returns:
+        ``(ar [R, S] the recomputed AR tokens, accepted [R] = k)``: the row emits, after ``c``,
+        ``ar[r, : k + 1]`` (which equals ``draft[r, 1 : k + 1]`` followed by ``ar[r, k]``).
+    """
+    ar = ar_tokens(
+        logits,
+        temperature=temperature,
+        seed=seed,
+        first_position=block_start + 1,
+        filters=filters,
+    )
+    inside = torch.arange(draft.shape[1] - 1, device=draft.device) < (length - 1).unsqueeze(-1)
+    matches = (draft[:, 1:] == ar[:, :-1]) & inside
+    return ar, matches.long().cumprod(dim=-1).sum(dim=-1)

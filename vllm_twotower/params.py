@@ -14,15 +14,21 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vllm_twotower.config import DiffusionDefaults
 
-MASK_DIFFUSION, MOCK_AR, AR = "mask_diffusion", "mock_ar", "ar"
-MODES = (MASK_DIFFUSION, MOCK_AR, AR)
+MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE = "mask_diffusion", "mock_ar", "ar", "speculative"
+MODES = (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE)
 #: The ``extra_args`` keys this plugin reads.
-EXTRA_ARG_KEYS = ("mode", "confidence_threshold", "steps_per_block", "block_size")
+EXTRA_ARG_KEYS = (
+    "mode",
+    "confidence_threshold",
+    "steps_per_block",
+    "block_size",
+    "draft_threshold",
+)
 #: Keys starting with this prefix (any case) are reserved for the plugin: an unknown one is an
 #: error, not ignored.  Other keys belong to vLLM (``kv_transfer_params``, ...) or to other
 #: extensions and are left alone, unless they are a near miss of a plugin key (a typo such as
@@ -49,10 +55,22 @@ class TwoTowerParams:
     block_size: int = 16
     steps_per_block: int = 16
     confidence_threshold: float = 0.8
+    #: Speculative mode: the confidence threshold γ of the denoiser's draft.  ``None`` (the
+    #: default) drafts in one pass with every position decided; a value lets the commit rule
+    #: take up to ``block_size`` passes, deciding the positions that beat γ each pass.
+    draft_threshold: float | None = None
 
     @property
     def uses_denoiser(self) -> bool:
         return self.mode != AR
+
+    def draft(self) -> TwoTowerParams:
+        """The diffusion parameters a speculative request drafts its blocks with."""
+        if self.draft_threshold is None:
+            return replace(self, steps_per_block=1, confidence_threshold=1.0)
+        return replace(
+            self, steps_per_block=self.block_size, confidence_threshold=self.draft_threshold
+        )
 
 
 def _show(value: Any) -> str:
@@ -72,6 +90,18 @@ def _int_field(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {_show(value)}")
     return int(value)
+
+
+def _threshold_field(name: str, value: Any) -> float:
+    """A finite number in ``(0, 1]`` (a confidence threshold γ)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 < value <= 1.0  # before isfinite, which overflows on huge ints
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{name} must be a finite number in (0, 1], got {_show(value)}")
+    return float(value)
 
 
 def _normalized(key: str) -> str:
@@ -111,7 +141,8 @@ def resolve_params(
 
     Raises:
         ValueError: naming the offending field, for an unknown mode, a threshold outside
-            (0, 1] or not finite, a step count outside [1, :func:`max_steps_per_block`], a
+            (0, 1] or not finite (``confidence_threshold``, ``draft_threshold``), a step
+            count outside [1, :func:`max_steps_per_block`], a
             block size outside [1, ``max_block_size``] (the block size the denoiser was
             trained with), a non-integer count, or an unknown key in the plugin's namespace
             (:func:`_check_keys`).
@@ -121,16 +152,12 @@ def resolve_params(
     mode = args.get("mode", MASK_DIFFUSION)
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {_show(mode)}")
-    threshold = args.get("confidence_threshold", defaults.confidence_threshold)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, (int, float))
-        or not 0.0 < threshold <= 1.0  # before isfinite, which overflows on huge ints
-        or not math.isfinite(threshold)
-    ):
-        raise ValueError(
-            f"confidence_threshold must be a finite number in (0, 1], got {_show(threshold)}"
-        )
+    threshold = _threshold_field(
+        "confidence_threshold", args.get("confidence_threshold", defaults.confidence_threshold)
+    )
+    draft_threshold = args.get("draft_threshold")
+    if draft_threshold is not None:
+        draft_threshold = _threshold_field("draft_threshold", draft_threshold)
     return TwoTowerParams(
         mode=mode,
         block_size=_int_field(
@@ -142,5 +169,6 @@ def resolve_params(
             1,
             max_steps_per_block(max_block_size),
         ),
-        confidence_threshold=float(threshold),
+        confidence_threshold=threshold,
+        draft_threshold=draft_threshold,
     )

@@ -84,6 +84,13 @@ CASES = [
     Case(14, {}, 16, 0.0, 0, 1, (("allowed_token_ids", (5, 9, 17, 30, 41)),)),
     Case(10, {"mode": "ar"}, 10, 0.7, 28, 1, (("allowed_token_ids", (5, 9, 17, 30)),)),
     Case(6, {"mode": "mock_ar"}, 8, 1.0, 27, None, (("allowed_token_ids", (5, 9, 17)),)),
+    # speculative (issue #20): ar's output, drafted a block at a time
+    Case(9, {"mode": "speculative"}, logprobs=2),
+    Case(70, {"mode": "speculative", "block_size": 5}, max_tokens=23),
+    Case(40, {"mode": "speculative", "draft_threshold": 0.3}, temperature=0.9, seed=14),
+    Case(3, {"mode": "speculative"}, max_tokens=1),  # c alone is the whole output
+    # speculative under vLLM's filters: the verification draws as ar does
+    Case(41, {"mode": "speculative"}, 24, 1.2, 22, None, (("min_p", 0.1), ("top_p", 0.9))),
 ]
 
 
@@ -109,6 +116,7 @@ def reference_results(model: TwoTowerModel, prompts, cases):
                 confidence_threshold=args.get(
                     "confidence_threshold", defaults.confidence_threshold
                 ),
+                draft_threshold=args.get("draft_threshold"),
             )
         )
         sampling.append(

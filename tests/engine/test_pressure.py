@@ -39,7 +39,7 @@ def llm(tiny_checkpoint: Path):
 
 
 def test_preemption_keeps_outputs_exact_and_stats_consistent(llm, tiny_checkpoint: Path) -> None:
-    modes = ["mask_diffusion", "ar", "mock_ar"] * 2
+    modes = ["mask_diffusion", "ar", "mock_ar", "speculative"] * 2
     cases = [Case(100 + 7 * i, {"mode": m}, max_tokens=100) for i, m in enumerate(modes)]
     # Small custom block sizes, whose counters the issue #17 soak saw disagree with the output.
     cases += [Case(60 + b, {"block_size": b, "steps_per_block": 3}, max_tokens=21) for b in (3, 5)]

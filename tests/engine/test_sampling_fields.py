@@ -73,13 +73,35 @@ def test_structured_outputs_only_in_one_token_modes() -> None:
         TwoTowerParamsValidator.validate_params(guided)
 
 
-def test_neutral_values_of_refused_fields_are_accepted() -> None:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("presence_penalty", 0.5), ("frequency_penalty", -0.5), ("repetition_penalty", 1.2),
+     ("logit_bias", {5: 2.0}), ("allowed_token_ids", [5, 9]), ("min_tokens", 3)],
+)  # fmt: skip
+def test_history_dependent_knobs_are_refused_in_speculative_only(name: str, value: Any) -> None:
+    """Speculative verifies a whole draft in one pass: a knob that needs each position's own
+    history is refused there (pointing to ar), honoured in the other modes; its neutral value
+    (what clients send for "off") is accepted in every mode."""
+    for mode in MODES:
+        params = SamplingParams(temperature=0.7, extra_args={"mode": mode}, **{name: value})
+        if mode == "speculative":
+            with pytest.raises(ValueError, match=rf'^{name}=.*"mode": "ar"'):
+                TwoTowerParamsValidator.validate_params(params)
+        else:
+            TwoTowerParamsValidator.validate_params(params)
+        TwoTowerParamsValidator.validate_params(
+            SamplingParams(temperature=0.7, extra_args={"mode": mode})
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_neutral_values_of_refused_fields_are_accepted(mode: str) -> None:
     # What clients send for "off": lm-eval and the openai client send top_p=1, top_k=-1, ...
     TwoTowerParamsValidator.validate_params(
         SamplingParams(top_p=1.0, top_k=-1, min_p=0.0, presence_penalty=0.0,
                        frequency_penalty=0.0, repetition_penalty=1.0, min_tokens=0,
                        logit_bias={}, bad_words=[], temperature=0.7, seed=3, n=2,
-                       stop=["x"], prompt_logprobs=1, extra_args={"mode": "ar"})
+                       stop=["x"], prompt_logprobs=1, extra_args={"mode": mode})
     )  # fmt: skip
 
 

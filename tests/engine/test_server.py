@@ -419,7 +419,7 @@ def test_stats_add_up_in_every_mode_and_block_size(server: str) -> None:
         {"vllm_xargs": {"mode": m, "block_size": b, "steps_per_block": 3}, "max_tokens": 21,
          "temperature": 0.9, "seed": b, "stream": stream,
          **({"stream_options": {"include_usage": True}} if stream else {})}
-        for m in ("mask_diffusion", "mock_ar", "ar")
+        for m in ("mask_diffusion", "mock_ar", "ar", "speculative")
         for b, stream in ((1, True), (3, False), (16, True))
     ]  # fmt: skip
     with ThreadPoolExecutor(len(bodies)) as pool:

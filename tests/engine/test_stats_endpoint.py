@@ -109,11 +109,23 @@ EXPORTED = (
     "vllm:twotower_denoiser_passes_total",
     "vllm:twotower_diffusion_blocks_total",
     "vllm:twotower_denoised_tokens_total",
+    "vllm:twotower_speculative_accepted_tokens_total",
     "vllm:twotower_tokens_per_denoiser_pass",
     "vllm:twotower_denoiser_passes_per_block",
+    "vllm:twotower_accepted_tokens_per_verification",
+    "vllm:twotower_accepted_tokens_per_denoiser_pass",
 )
 #: The ``/v1/twotower/stats`` aggregate keys behind :data:`EXPORTED`, in its order.
-AGGREGATE_KEYS = ("nfe", "blocks", "denoised_tokens", "tokens_per_nfe", "steps_per_block")
+AGGREGATE_KEYS = (
+    "nfe",
+    "blocks",
+    "denoised_tokens",
+    "accepted_tokens",
+    "tokens_per_nfe",
+    "steps_per_block",
+    "accepted_per_verification",
+    "accepted_per_nfe",
+)
 
 
 def exported(text: str, model: str = "tiny") -> tuple[float, ...]:

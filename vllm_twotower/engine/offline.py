@@ -17,12 +17,14 @@ from vllm import LLM, RequestOutput, SamplingParams
 
 @dataclass(frozen=True)
 class TimedWave:
-    """One ``generate`` call: its outputs, wall time, denoiser passes and diffusion blocks."""
+    """One ``generate`` call: its outputs, wall time, denoiser passes, diffusion blocks (or
+    speculative drafts) and accepted drafted tokens."""
 
     outputs: list[RequestOutput]
     seconds: float
     nfe: int
     blocks: int
+    accepted: int = 0
 
     @property
     def tokens(self) -> int:
@@ -44,6 +46,5 @@ def timed_generate(
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     after = _aggregate(llm)
-    return TimedWave(
-        outputs, seconds, after["nfe"] - before["nfe"], after["blocks"] - before["blocks"]
-    )
+    delta = {key: after[key] - before[key] for key in ("nfe", "blocks", "accepted_tokens")}
+    return TimedWave(outputs, seconds, delta["nfe"], delta["blocks"], delta["accepted_tokens"])

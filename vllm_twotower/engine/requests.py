@@ -19,7 +19,7 @@ from vllm.sampling_params import SamplingParams
 from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
-from vllm_twotower.params import MASK_DIFFUSION, MODES
+from vllm_twotower.params import MASK_DIFFUSION, MODES, SPECULATIVE
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
 
@@ -38,13 +38,31 @@ class RequestStats:
     nfe: int  # denoiser forward passes
     blocks: int  # diffusion blocks denoised
     denoised_tokens: int  # tokens decided by the denoiser (mock_ar: one per pass)
+    #: speculative: drafted tokens the context tower accepted (``blocks`` counts the drafts,
+    #: one per verification step; ``nfe`` the denoiser passes that drafted them)
+    accepted_tokens: int = 0
 
     @property
     def tokens_per_nfe(self) -> float:
         return self.denoised_tokens / self.nfe if self.nfe else 0.0
 
+    @property
+    def accepted_per_verification(self) -> float:
+        return (
+            self.accepted_tokens / self.blocks if self.mode == SPECULATIVE and self.blocks else 0.0
+        )
+
+    @property
+    def accepted_per_nfe(self) -> float:
+        return self.accepted_tokens / self.nfe if self.mode == SPECULATIVE and self.nfe else 0.0
+
     def as_dict(self) -> dict[str, float | int | str]:
-        return {**asdict(self), "tokens_per_nfe": self.tokens_per_nfe}
+        return {
+            **asdict(self),
+            "tokens_per_nfe": self.tokens_per_nfe,
+            "accepted_per_verification": self.accepted_per_verification,
+            "accepted_per_nfe": self.accepted_per_nfe,
+        }
 
 
 def matches_request_id(internal_id: str, request_id: str) -> bool:
@@ -64,6 +82,7 @@ def _accumulate(into: RequestStats, stats: RequestStats) -> None:
     into.nfe += stats.nfe
     into.blocks += stats.blocks
     into.denoised_tokens += stats.denoised_tokens
+    into.accepted_tokens += stats.accepted_tokens
 
 
 class RequestTable:
@@ -126,6 +145,7 @@ class RequestTable:
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
         self.decided = extend(None if first else self.decided, long)
+        self.accepted = extend(None if first else self.accepted, long)
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
 
@@ -157,8 +177,10 @@ class RequestTable:
         self.slot_of[req_id] = slot
         self.mode[slot] = MODE_ID[params.mode]
         self.block_size[slot] = params.block_size
-        self.steps_per_block[slot] = params.steps_per_block
-        self.threshold[slot] = params.confidence_threshold
+        # A speculative request's denoiser fields are those of its drafts.
+        denoising = params.draft() if params.mode == SPECULATIVE else params
+        self.steps_per_block[slot] = denoising.steps_per_block
+        self.threshold[slot] = denoising.confidence_threshold
         temperature = sp.temperature if sp.temperature >= _GREEDY_EPS else 0.0
         self.temperature[slot] = temperature
         seed = sp.seed if sp.seed is not None else self._rng.getrandbits(64)
@@ -189,7 +211,7 @@ class RequestTable:
             self.stop_ids = self._resized(self.stop_ids, self.capacity, len(stops), -1)
         self.stop_ids[slot] = -1
         self.stop_ids[slot, : len(stops)] = torch.tensor(stops, dtype=torch.int64)
-        self.nfe[slot] = self.blocks[slot] = self.decided[slot] = 0
+        self.nfe[slot] = self.blocks[slot] = self.decided[slot] = self.accepted[slot] = 0
         return slot
 
     def filters(self, slots: torch.Tensor) -> SamplingFilters:
@@ -235,6 +257,7 @@ class RequestTable:
             int(self.nfe[slot]),
             int(self.blocks[slot]),
             int(self.decided[slot]),
+            int(self.accepted[slot]),
         )
 
     def remove(self, req_id: str) -> None:
@@ -255,7 +278,9 @@ class RequestTable:
         """Counters per request, per mode and in total.
 
         They add up: the totals are the sum over ``modes``, each mode's the sum over its
-        requests; ``steps_per_block`` is mask_diffusion's passes per block.
+        requests; ``steps_per_block`` is mask_diffusion's passes per block, and
+        ``accepted_per_verification`` / ``accepted_per_nfe`` are speculative's accepted drafted
+        tokens per verification step / per drafting denoiser pass.
 
         Requests vLLM has not dropped yet are included with their current counters: vLLM tells
         the runner about a finished request only with the next scheduled step.  ``request_id``
@@ -270,7 +295,7 @@ class RequestTable:
         total = RequestStats("all", 0, 0, 0)
         for s in by_mode.values():
             _accumulate(total, s)
-        diffusion = by_mode[MASK_DIFFUSION]
+        diffusion, speculative = by_mode[MASK_DIFFUSION], by_mode[SPECULATIVE]
         requests: dict[str, dict[str, float | int | str]] = {}
         if include_requests:
             requests = {
@@ -284,6 +309,9 @@ class RequestTable:
                 **total.as_dict(),
                 # Per block: mask_diffusion's passes only (mock_ar's have no blocks).
                 "steps_per_block": diffusion.nfe / diffusion.blocks if diffusion.blocks else 0.0,
+                # Per verification step and drafting pass: speculative's own counters.
+                "accepted_per_verification": speculative.accepted_per_verification,
+                "accepted_per_nfe": speculative.accepted_per_nfe,
                 "modes": {m: s.as_dict() for m, s in by_mode.items()},
             },
         }

@@ -10,7 +10,11 @@ marks the others: partial prefills), it produces that request's next tokens by i
 * ``mask_diffusion``: a whole block.  The blocks of all such requests are denoised together,
   each with its own mask ratio ``t``, γ, step budget and block size, reading the context tower's
   caches of this step; rows leave the denoising batch as their blocks complete;
-* ``mock_ar``: one token from the denoiser run on the last token over the context before it.
+* ``mock_ar``: one token from the denoiser run on the last token over the context before it;
+* ``speculative``: ``ar``'s token ``c``, then a block drafted by the denoiser from ``c``,
+  verified by a cache-free causal context-tower pass over the draft; ``c``, the guesses equal to
+  the AR tokens and the AR token at the first mismatch are emitted (``docs/engine-design.md``
+  §13).
 
 The tokens go back as the step's sampled tokens, ``[num_reqs, width]`` padded with -1, which
 vLLM's bookkeeping already supports (it is the speculative-decoding format).  The stock
@@ -30,7 +34,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_twotower import vllm_internals as vi
-from vllm_twotower.commit import commit_step, noise_row_keys, predict
+from vllm_twotower.commit import accept_draft, commit_step, noise_row_keys, predict
 from vllm_twotower.engine.config_hook import server_defaults
 from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.logprobs import StepLogprobs
@@ -41,6 +45,7 @@ from vllm_twotower.vllm_internals import without_mamba_prefill_checkpoints
 logger = init_logger(f"vllm.{__name__}")
 
 AR, MASK_DIFFUSION, MOCK_AR = MODE_ID["ar"], MODE_ID["mask_diffusion"], MODE_ID["mock_ar"]
+SPECULATIVE = MODE_ID["speculative"]
 PLACEHOLDER = -1
 
 
@@ -119,7 +124,18 @@ class TwoTowerRunnerMixin:
         seq_lens = vi.sequence_lengths(self)
         mode = table.mode[slots]
         diffusing = live & (mode == MASK_DIFFUSION)
-        width = int(table.block_size[slots[diffusing]].max()) if bool(diffusing.any()) else 1
+        speculating = live & (mode == SPECULATIVE)
+        # A block per diffusion row; c, up to block_size - 1 guesses and one AR token per
+        # speculative row.
+        width = int(
+            torch.cat(
+                [
+                    table.block_size[slots[diffusing]],
+                    table.block_size[slots[speculating]] + 1,
+                    torch.ones(1, dtype=torch.long),
+                ]
+            ).max()
+        )
         out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int32)
         num_logprobs = vi.max_num_logprobs(self)
         self._tt_logprobs = (
@@ -134,12 +150,19 @@ class TwoTowerRunnerMixin:
         diffusion_rows = torch.nonzero(diffusing).flatten()
         if diffusion_rows.numel():
             blocks = self._denoise_blocks(diffusion_rows, slots[diffusion_rows], seq_lens)
-            out[diffusion_rows] = blocks.to(torch.int32)
+            out[diffusion_rows, : blocks.shape[1]] = blocks.to(torch.int32)
         mock_rows = torch.nonzero(live & (mode == MOCK_AR)).flatten()
         if mock_rows.numel():
             out[mock_rows, 0] = self._sample_mock_ar(
                 mock_rows, slots[mock_rows], seq_lens, logits[mock_rows]
             )
+        spec_rows = torch.nonzero(speculating).flatten()
+        if spec_rows.numel():
+            first = self._sample_ar(
+                spec_rows, logits[spec_rows], slots[spec_rows], seq_lens[spec_rows]
+            )
+            tokens = self._sample_speculative(spec_rows, slots[spec_rows], seq_lens, first)
+            out[spec_rows, : tokens.shape[1]] = tokens.to(torch.int32)
 
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
@@ -288,12 +311,18 @@ class TwoTowerRunnerMixin:
 
     @torch.inference_mode()
     def _denoise_blocks(
-        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoise one block for each of ``rows`` together; return ``[R, width]`` token ids.
 
         Positions past a row's own block size hold the pad id (not the mask id), which the
-        commit rule treats as decided, and are emitted as placeholders.
+        commit rule treats as decided, and are emitted as placeholders.  ``first [R]`` decides
+        each block's first position up front: a speculative draft, whose tokens are guesses,
+        not output, so no logprobs are recorded for it.
         """
         table, mask_id, device = self.tt_requests, self.tt_mask_id, self.device
         block_size = table.block_size[slots]
@@ -303,7 +332,11 @@ class TwoTowerRunnerMixin:
         context = self.tt_reader.read(rows, block_start)
         # The denoising loop runs where the model does; the request table (CPU) is read once
         # here and updated once per pass.
-        canvas = torch.where(inside, mask_id, self.tt_pad_id).long().to(device)
+        canvas = torch.where(inside, mask_id, self.tt_pad_id).long()
+        if first is not None:
+            canvas[:, 0] = first
+        canvas = canvas.to(device)
+        record_logprobs = self._tt_logprobs is not None and first is None
         setting = {
             "block_size": block_size,
             "steps_per_block": table.steps_per_block[slots],
@@ -316,7 +349,8 @@ class TwoTowerRunnerMixin:
         filters = table.filters(slots).to(device)
         step = torch.zeros(rows.numel(), dtype=torch.long, device=device)
         model = self.get_model()
-        active = torch.ones(rows.numel(), dtype=torch.bool, device=device)
+        # A speculative draft of block size 1 is decided before any pass, as in the reference.
+        active = (canvas == mask_id).any(dim=-1)
         while bool(active.any()):
             idx = torch.nonzero(active).flatten()
             sub = canvas[idx]
@@ -337,7 +371,7 @@ class TwoTowerRunnerMixin:
                 block_start=row["block_start"],
                 filters=filters.select(idx),
             )
-            if self._tt_logprobs is not None:  # each token from the pass that decided it
+            if record_logprobs:  # each token from the pass that decided it
                 decided = torch.nonzero((sub == mask_id) & (result.canvas != mask_id))
                 at, position = decided[:, 0], decided[:, 1]
                 self._tt_logprobs.record(
@@ -355,6 +389,50 @@ class TwoTowerRunnerMixin:
             active[idx] = (result.canvas == mask_id).any(dim=-1)
         table.blocks[slots] += 1
         return torch.where(inside, canvas.cpu(), PLACEHOLDER)
+
+    @torch.inference_mode()
+    def _sample_speculative(
+        self, rows: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor, first: torch.Tensor
+    ) -> torch.Tensor:
+        """Draft from ``first`` (each row's AR token ``c``), verify, return ``[R, width + 1]``.
+
+        The verification is a cache-free causal context-tower pass over the draft that reads
+        the paged KV cache in place and the Mamba states by slot: the states after every known
+        token, since the row consumed them all in this step.  Nothing it computes is kept: the
+        emitted tokens (``c``, the accepted guesses, the AR token after them) are the next
+        step's input, so vLLM's own forward writes their KV and leaves the Mamba state after
+        the last of them.  The acceptance rule is the reference's
+        (:func:`~vllm_twotower.commit.accept_draft`).
+        """
+        table, device = self.tt_requests, self.device
+        draft = self._denoise_blocks(rows, slots, seq_lens, first=first)
+        draft[:, 0] = first  # even where c is the mask id, which the commit rule fills
+        block_size = table.block_size[slots]
+        block_start = seq_lens[rows]
+        ids = torch.where(draft == PLACEHOLDER, self.tt_pad_id, draft).long().to(device)
+        context = self.tt_reader.read(rows, block_start)
+        logits = self.get_model().score_draft(ids, context, block_size)
+        ar, accepted = accept_draft(
+            ids,
+            logits,
+            length=block_size.to(device),
+            temperature=table.temperature[slots].to(device),
+            seed=table.seed[slots].to(device),
+            block_start=block_start.to(device),
+            filters=table.filters(slots).to(device),
+        )
+        ar, accepted = ar.cpu(), accepted.cpu()
+        table.accepted[slots] += accepted
+        keep = torch.arange(ar.shape[1])[None, :] <= accepted[:, None]
+        out = torch.full((rows.numel(), ar.shape[1] + 1), PLACEHOLDER, dtype=torch.long)
+        out[:, 0] = first
+        out[:, 1:] = torch.where(keep, ar, PLACEHOLDER)
+        if self._tt_logprobs is not None:  # each from the verification logit that chose it
+            at, position = torch.nonzero(keep, as_tuple=True)
+            self._tt_logprobs.record(
+                rows[at], position + 1, logits[at, position], ar[at, position], mask_id=None
+            )
+        return out
 
 
 class TwoTowerCPUModelRunner(TwoTowerRunnerMixin, vi.cpu_model_runner_class()):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_twotower.params import AR, MOCK_AR, MODES
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES
 
 HONOURED, REFUSED, INTERNAL = "honoured", "refused", "internal"
 
@@ -61,6 +61,18 @@ class Field:
 
 _SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
 _ADJUST = "logit_adjust.LogitAdjuster, on the logits the commit rule chooses from"
+#: The modes that apply the LogitAdjuster: a speculative step verifies a whole draft at once,
+#: where each position would need its own history (penalties, min_tokens); not built yet.
+_ADJUSTED_MODES = (MASK_DIFFUSION, MOCK_AR, AR)
+_NOT_SPECULATIVE = (
+    "a speculative verification scores a whole draft in one pass, whose positions would each "
+    'need their own history; use "mode": "ar", whose output speculative reproduces'
+)
+
+
+def _adjusted(where: str, neutral: Callable[[Any], bool]) -> Field:
+    return Field(HONOURED, where, neutral, modes=_ADJUSTED_MODES, why_not=_NOT_SPECULATIVE)
+
 
 FIELDS: Mapping[str, Field] = {
     # Honoured: the commit rule, the scheduler, the front end, the context tower.
@@ -70,12 +82,12 @@ FIELDS: Mapping[str, Field] = {
     "top_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
     "top_k": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
     "min_p": Field(HONOURED, "the commit rule's filter of the sampled distribution"),
-    "presence_penalty": Field(HONOURED, _ADJUST),
-    "frequency_penalty": Field(HONOURED, _ADJUST),
-    "repetition_penalty": Field(HONOURED, _ADJUST),
-    "logit_bias": Field(HONOURED, _ADJUST),
-    "allowed_token_ids": Field(HONOURED, _ADJUST),
-    "min_tokens": Field(HONOURED, _ADJUST + " (stop ids banned while the output is shorter)"),
+    "presence_penalty": _adjusted(_ADJUST, _equals(0.0)),
+    "frequency_penalty": _adjusted(_ADJUST, _equals(0.0)),
+    "repetition_penalty": _adjusted(_ADJUST, _equals(1.0)),
+    "logit_bias": _adjusted(_ADJUST, _empty),
+    "allowed_token_ids": _adjusted(_ADJUST, _empty),
+    "min_tokens": _adjusted(_ADJUST + " (stop ids banned while the output is shorter)", _equals(0)),
     "max_tokens": Field(HONOURED, "the scheduler, inside a committed block"),
     "stop": Field(HONOURED, "the detokenizer, inside a committed block"),
     "stop_token_ids": Field(HONOURED, "the scheduler, inside a committed block"),
@@ -104,8 +116,9 @@ FIELDS: Mapping[str, Field] = {
         HONOURED,
         "vLLM's grammar bitmask on the logits of the one token a step chooses",
         modes=(AR, MOCK_AR),
-        why_not="a diffusion block commits tokens out of order, which a left-to-right grammar "
-        'cannot constrain; use "mode": "ar" (or "mock_ar")',
+        why_not="a diffusion block commits tokens out of order, and a speculative step several "
+        "at once, which the grammar's one-token bitmask cannot constrain; use "
+        '"mode": "ar" (or "mock_ar")',
     ),
     "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),
     "watermarking": Field(REFUSED, "Model Runner V2's sampler (TwoTower runs on V1)"),

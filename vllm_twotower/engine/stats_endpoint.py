@@ -64,7 +64,9 @@ COUNTERS = (
      "Blocks denoised by mask_diffusion requests."),
     ("vllm:twotower_denoised_tokens", "denoised_tokens",
      "Tokens decided by the denoiser: mask_diffusion's whole blocks (including any cut at "
-     "EOS or max_tokens), mock_ar's one per pass."),
+     "EOS or max_tokens), mock_ar's one per pass, speculative's drafts."),
+    ("vllm:twotower_speculative_accepted_tokens", "accepted_tokens",
+     "Drafted tokens the context tower accepted in speculative requests."),
 )  # fmt: skip
 #: The same ratios over the server's lifetime; for a window, divide the counters' rates.
 GAUGES = (
@@ -72,6 +74,10 @@ GAUGES = (
      "Denoised tokens per denoiser pass since the server started."),
     ("vllm:twotower_denoiser_passes_per_block", "steps_per_block",
      "mask_diffusion denoiser passes per diffusion block since the server started."),
+    ("vllm:twotower_accepted_tokens_per_verification", "accepted_per_verification",
+     "speculative: drafted tokens accepted per verification step since the server started."),
+    ("vllm:twotower_accepted_tokens_per_denoiser_pass", "accepted_per_nfe",
+     "speculative: drafted tokens accepted per drafting denoiser pass since the server started."),
 )  # fmt: skip
 
 

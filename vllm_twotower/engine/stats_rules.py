@@ -8,7 +8,13 @@ or a soak can check every request it sent against the tokens it got back:
 * ``mock_ar``: one pass per token, which decides that token;
 * ``mask_diffusion``: one block per started ``block_size`` tokens (the last one may be cut),
   every block fully decided, between one pass and ``min(steps_per_block, block_size)`` passes
-  per block (each pass decides at least one position).
+  per block (each pass decides at least one position);
+* ``speculative``: every draft fully decided (``c`` given unless it is the mask id),
+  between one pass and ``min(steps_per_block, block_size)`` passes per draft, at most
+  ``block_size - 1`` guesses accepted per draft; each step drafts once and emits ``c``, its
+  ``k`` accepted guesses and the AR token after them, so ``tokens <= 2 * blocks + accepted``,
+  and, since only the last step may be cut (EOS, ``max_tokens``) and keeps at least one
+  token, ``tokens >= 2 * blocks + accepted - block_size``.
 
 A request the frontend cut (a stop string, a client gone) may have run a step or two more than
 it returned, so for it only lower bounds hold (``cut_early``).
@@ -53,6 +59,23 @@ def stats_mismatches(
             blocks <= nfe <= blocks * min(steps_per_block, block_size),
             "passes should be between 1 and min(steps_per_block, block_size) per block",
         )
+    elif mode == "speculative":
+        accepted = entry["accepted_tokens"]
+        assert isinstance(accepted, int)
+        # c is given, except where it is the mask id: the commit rule then fills it too.
+        require(
+            blocks * (block_size - 1) <= decided <= blocks * block_size,
+            "every draft is fully decided after c",
+        )
+        require(
+            blocks <= nfe <= blocks * min(steps_per_block, block_size),
+            "passes should be between 1 and min(steps_per_block, block_size) per draft",
+        )
+        require(accepted <= blocks * (block_size - 1), "at most block_size - 1 guesses per draft")
+        emitted = 2 * blocks + accepted  # c, the accepted guesses and one AR token per step
+        require(tokens <= emitted, "more tokens than the steps emitted")
+        if not cut_early:
+            require(tokens >= emitted - block_size, "the steps emitted more than the last cut")
     else:
         errors.append(f"unknown mode {mode!r}")
     return errors

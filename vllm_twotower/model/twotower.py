@@ -132,23 +132,44 @@ class NemotronHTwoTowerForCausalLM(nn.Module, HasInnerState, IsHybrid):
         """Denoiser logits ``[B, S, V]`` float32 for block canvases after their contexts."""
         return self.denoiser(canvas, context, t, block_lens)
 
-    def advance_context(self, token_ids: torch.Tensor, context: BlockContext) -> MambaStates:
-        """Mamba states of the context tower after reading ``token_ids [1, n]`` past ``context``.
-
-        A cache-free causal pass of the context tower's own layers (mock-AR needs the state
-        one token before the last, which vLLM's cache no longer holds after a prefill).
-        """
-        x = self.model.embed_input_ids(token_ids.reshape(-1)).view(*token_ids.shape, -1)
-        _, states = run_layers(
+    def _context_pass(
+        self, token_ids: torch.Tensor, context: BlockContext, lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MambaStates]:
+        """A cache-free causal pass of the context tower's own layers over ``token_ids [B, n]``
+        after ``context`` (row ``b``'s first ``lengths[b]`` tokens; all ``n`` by default):
+        hidden states before the final norm, and the Mamba states after the tokens."""
+        batch, size = token_ids.shape
+        x = self.model.embed_input_ids(token_ids.reshape(-1)).view(batch, size, -1)
+        return run_layers(
             self.model.layers,
             x,
             context,
             modulation=None,
             causal=True,
-            block_lens=torch.full((token_ids.shape[0],), token_ids.shape[1]),
+            block_lens=torch.full((batch,), size) if lengths is None else lengths,
             mamba_options=mamba_options(self.config),
         )
-        return states
+
+    def advance_context(self, token_ids: torch.Tensor, context: BlockContext) -> MambaStates:
+        """Mamba states of the context tower after reading ``token_ids [1, n]`` past ``context``.
+
+        Mock-AR needs the state one token before the last, which vLLM's cache no longer holds
+        after a prefill.
+        """
+        return self._context_pass(token_ids, context)[1]
+
+    def score_draft(
+        self, token_ids: torch.Tensor, context: BlockContext, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Context-tower (AR) logits ``[B, S, V]`` float32 over draft blocks past ``context``.
+
+        Speculative verification: logit ``i`` is what the context tower predicts after the
+        draft's first ``i + 1`` tokens.  Nothing is written to vLLM's caches.
+        """
+        batch, size = token_ids.shape
+        hidden, _ = self._context_pass(token_ids, context, lengths)
+        hidden = self.model.norm_f(hidden.reshape(batch * size, -1))
+        return self.compute_logits(hidden).view(batch, size, -1).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load a checkpoint strictly: every parameter, every expert, nothing unexpected.

@@ -1,4 +1,4 @@
-"""Reference generation in the three TwoTower modes (``shared/spec/twotower-model.md`` §4).
+"""Reference generation in the TwoTower modes (``shared/spec/twotower-model.md`` §4).
 
 Requests are generated one after another with cached context state (KV and Mamba states are
 extended, never recomputed).  This is the oracle the vLLM engine is held to token for token, so
@@ -10,7 +10,7 @@ Conventions shared with the engine:
   mock-AR draw at step 0;
 * a diffusion block is always denoised in full (``block_size`` positions) and the output is then
   cut after the first EOS and at ``max_new_tokens``; AR and mock-AR stop right after EOS;
-* the mask id is suppressed only in mask diffusion.
+* the mask id is suppressed only in mask diffusion (and the denoiser's speculative drafts).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from vllm_twotower.commit import (
     SamplingFilters,
+    accept_draft,
     commit_step,
     fold_seed,
     noise_row_keys,
@@ -29,7 +30,7 @@ from vllm_twotower.commit import (
     token_logprobs,
 )
 from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, TwoTowerParams
+from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, SPECULATIVE, TwoTowerParams
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
 
@@ -107,6 +108,8 @@ class GenerationResult:
     #: log-probability of each output token under the distribution it was committed from
     #: (:func:`~vllm_twotower.commit.token_logprobs`): what a request's ``logprobs`` report
     logprobs: list[float] = field(default_factory=list)
+    #: speculative mode: drafted tokens accepted by each verification
+    accepted: list[int] = field(default_factory=list)
 
 
 def _as_list(value: object, n: int) -> list:
@@ -133,7 +136,12 @@ def generate(
     )
     params_list = _as_list(params if params is not None else default_params, len(prompts))
     sampling_list = _as_list(sampling, len(prompts))
-    runners = {AR: _generate_ar, MOCK_AR: _generate_mock_ar, MASK_DIFFUSION: _generate_diffusion}
+    runners = {
+        AR: _generate_ar,
+        MOCK_AR: _generate_mock_ar,
+        MASK_DIFFUSION: _generate_diffusion,
+        SPECULATIVE: _generate_speculative,
+    }
     results = []
     for prompt, p, s in zip(prompts, params_list, sampling_list, strict=True):
         if not prompt:
@@ -152,14 +160,14 @@ class _Stopper:
 
     def finish(self, result: GenerationResult) -> bool:
         """Cut ``result.output_ids`` after EOS / at the length limit; True when done."""
-        ids = result.output_ids
+        ids = result.output_ids[: self.max_new_tokens]  # an EOS past the limit is not seen
         if self.eos is not None and self.eos in ids:
             end, result.finish_reason = ids.index(self.eos) + 1, "stop"
         elif len(ids) >= self.max_new_tokens:
             end, result.finish_reason = self.max_new_tokens, "length"
         else:
             return False
-        del ids[end:], result.logprobs[end:]
+        del result.output_ids[end:], result.logprobs[end:]
         return True
 
 
@@ -237,8 +245,12 @@ def fill_blocks(
     seed: int = 0,
     filters: SamplingFilters | None = None,
     adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    canvas: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
+
+    ``canvas [rows, S]`` starts the blocks with some positions already decided (a speculative
+    draft's first token); by default every position is masked.
 
     ``logits_of(canvas [rows, S]) -> [rows, S, V]`` is the denoiser pass (its time conditioning
     included).  Returns ``(blocks [rows, S], positions decided by each pass [rows], each
@@ -249,7 +261,8 @@ def fill_blocks(
     committed from; the log-probabilities are those of the raw logits.
     """
     size, steps = params.block_size, params.steps_per_block
-    canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+    if canvas is None:
+        canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, size, device=device)
     per_pass = []
 
@@ -287,11 +300,15 @@ def denoise_block(
     sampling: SamplingSpec,
     prompt: torch.Tensor,
     output_ids: list[int],
+    first: int | None = None,
 ) -> tuple[torch.Tensor, list[int], list[float]]:
     """Fill one block of ``[MASK]`` after ``context`` (``prompt`` then ``output_ids``, the
     history the penalties see); return ``(block ids, tokens per pass, each token's
-    log-probability)``."""
+    log-probability)``.  ``first`` decides the block's first position up front."""
     mask_id = model.config.diffusion.mask_token_id
+    canvas = torch.full((1, params.block_size), mask_id, dtype=torch.long, device=model.device)
+    if first is not None:
+        canvas[0, 0] = first
 
     def logits_of(canvas: torch.Tensor) -> torch.Tensor:
         t = int((canvas == mask_id).sum()) / params.block_size
@@ -310,6 +327,7 @@ def denoise_block(
         adjust=lambda logits: sampling.adjust(
             logits, prompt, output_ids, model.config.eos_token_id
         ),
+        canvas=canvas,
     )
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
@@ -331,3 +349,51 @@ def _generate_diffusion(
         if stopper.finish(result):
             return result
         _, context = model.extend_context(block, context)
+
+
+def _generate_speculative(
+    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
+) -> GenerationResult:
+    """Self-speculative decoding: ``ar``'s output, drafted by the denoiser a block at a time.
+
+    Each step mirrors one engine step: the AR token ``c`` after the context comes from the
+    context tower's logits (as in ``ar``); the denoiser fills a block whose first position is
+    ``c`` (:meth:`TwoTowerParams.draft`); the context tower runs over the draft and
+    :func:`~vllm_twotower.commit.accept_draft` keeps the guesses equal to the AR tokens plus
+    the AR token at the first mismatch; the context then consumes ``c`` and those tokens.
+    """
+    result, stopper = GenerationResult([]), _Stopper(model, sampling)
+    draft_params = params.draft()
+    logits, state = model.extend_context(prompt, model.empty_context())
+    while True:
+        # The engine drafts in the step that chooses c, before the scheduler sees c: so does
+        # the reference (the denoiser counters stay equal), and cuts after the verification.
+        eos = model.config.eos_token_id
+        first = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
+        draft, per_pass, _ = denoise_block(
+            model, state, draft_params, sampling, prompt, result.output_ids, first=first
+        )
+        # ar may choose the mask id itself, which the commit rule reads as undecided and
+        # fills: the draft keeps c whatever the denoiser put there.
+        draft[0] = first
+        result.nfe += len(per_pass)
+        verify, _ = model.extend_context(draft, state)
+        ar, accepted = accept_draft(
+            draft[None],
+            verify[None],
+            length=torch.tensor([params.block_size], device=model.device),
+            temperature=torch.tensor([sampling.temperature], device=model.device),
+            seed=torch.tensor([fold_seed(sampling.seed)], device=model.device),
+            block_start=torch.tensor([state.length], device=model.device),
+            filters=sampling.filters(rows=1).to(model.device),
+        )
+        k = int(accepted[0])
+        emitted = ar[0, : k + 1]
+        result.accepted.append(k)
+        result.tokens_per_step[-1] += k + 1  # c and what the verification let through
+        result.output_ids.extend(emitted.tolist())
+        logprobs = token_logprobs(verify[: k + 1], mask_id=None)
+        result.logprobs.extend(logprobs.gather(-1, emitted[:, None])[:, 0].tolist())
+        if stopper.finish(result):
+            return result
+        logits, state = model.extend_context(torch.cat([draft[:1], emitted]), state)
