@@ -60,6 +60,12 @@ MIXES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("ar", {"mode": "ar"}, {}),
     ("ar-long", {"mode": "ar"}, {"ignore_eos": True, "temperature": 0.8}),
     ("mock_ar", {"mode": "mock_ar"}, {"temperature": 0.8}),
+    ("speculative", {"mode": "speculative"}, {"temperature": 0.8}),
+    (
+        "diffusion-filtered",
+        {"mode": "mask_diffusion"},
+        {"temperature": 0.8, "top_p": 0.9, "top_k": 8, "presence_penalty": 0.5},
+    ),
 ]
 STEPS_DEFAULT = 16  # the embedded checkpoint's generation_config
 
