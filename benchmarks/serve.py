@@ -1,13 +1,17 @@
-"""The OpenAI server under vLLM's own ``vllm bench serve``: mask diffusion against AR.
+"""The OpenAI server under vLLM's own ``vllm bench serve``: each mode against AR.
 
     python benchmarks/serve.py              # concurrency 1, 4, 16, 64; rewrites docs/performance.md
     python benchmarks/serve.py --no-write   # the same, prints only
+    python benchmarks/serve.py --modes speculative ar --concurrency 1 16 --no-write
     python benchmarks/serve.py --smoke      # concurrency 1 and 2, a few prompts; prints only (CI)
 
 One server (``python -m vllm.entrypoints.openai.api_server``, loopback, the embedded checkpoint)
-serves both modes; each request names its mode in ``vllm_xargs`` (``vllm bench serve
---extra-body``), so both modes meet the same engine, and at every concurrency the two runs follow
-each other so that load from other processes hits them alike.  The prompts are the project's
+serves every mode of ``--modes`` (default: mask diffusion and AR, the table in
+docs/performance.md); each request names its mode in ``vllm_xargs`` (``vllm bench serve
+--extra-body``), so all modes meet the same engine, and at every concurrency their runs follow
+each other so that load from other processes hits them alike.  Every mode other than AR gets its
+output tok/s and requests/s as a ratio to AR's at the same concurrency (so ``ar`` must be among
+the modes).  The prompts are the project's
 test split (``generate_split("test", n, seed=0)``), written as a ShareGPT-format JSON file for
 bench's ``sharegpt`` dataset (its ``custom`` JSON-lines dataset needs pandas, which vLLM does
 not install), sent as text, greedy, up to ``--max-tokens``; requests stop at EOS (answers are 2
@@ -54,10 +58,10 @@ from docsections import machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split
-from vllm_twotower.params import AR, MASK_DIFFUSION
+from vllm_twotower.params import AR, MASK_DIFFUSION, MODES
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = (MASK_DIFFUSION, AR)
+DEFAULT_MODES = (MASK_DIFFUSION, AR)
 
 
 def server_flags() -> list[str]:
@@ -264,16 +268,25 @@ def table(runs: list[Run]) -> str:
 
 
 def ratios(runs: list[Run]) -> str:
-    """Diffusion / AR at each concurrency, and each mode's scaling against concurrency 1."""
+    """Each mode / AR at each concurrency, and each mode's scaling against the lowest one."""
     by = {(r.mode, r.concurrency): r.result for r in runs}
+    modes = list(dict.fromkeys(r.mode for r in runs))
     levels = sorted({r.concurrency for r in runs})
-    head = ["concurrency", "diffusion / AR, output tok/s", "diffusion / AR, requests/s"]
-    head += [f"{m} output tok/s ÷ concurrency {levels[0]}" for m in MODES]
+    head = ["concurrency"]
+    for m in modes:
+        if m != AR:
+            head += [f"{m} / AR, output tok/s", f"{m} / AR, requests/s"]
+    head += [f"{m} output tok/s ÷ concurrency {levels[0]}" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in levels:
-        d, a = by[MASK_DIFFUSION, c], by[AR, c]
-        cells = [str(c), _ratio(d, a, "output_throughput"), _ratio(d, a, "request_throughput")]
-        cells += [_ratio(by[m, c], by[m, levels[0]], "output_throughput") for m in MODES]
+        cells = [str(c)]
+        for m in modes:
+            if m != AR:
+                cells += [
+                    _ratio(by[m, c], by[AR, c], "output_throughput"),
+                    _ratio(by[m, c], by[AR, c], "request_throughput"),
+                ]
+        cells += [_ratio(by[m, c], by[m, levels[0]], "output_throughput") for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -286,6 +299,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), help="ar is required"
+    )
     parser.add_argument("--num-prompts", type=int, default=256, help="requests per run")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmups", type=int, default=2, help="bench warm-up requests per run")
@@ -295,6 +311,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny run, print only (CI)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
+    if AR not in args.modes:
+        parser.error("--modes must include ar: every other mode is reported as a ratio to it")
+    if list(args.modes) != list(DEFAULT_MODES) and not (args.smoke or args.no_write):
+        parser.error("the docs table holds the default modes; add --no-write to other --modes")
     if args.smoke:
         args.concurrency, args.num_prompts, args.max_tokens, args.warmups = [1, 2], 4, 16, 1
     if args.result_dir is None:
@@ -316,14 +336,12 @@ def main() -> None:
     runs = []
     with server(server_cmd, port, args.result_dir / "server.log", _import_bench):
         for concurrency in args.concurrency:
-            for mode in MODES:
+            for mode in args.modes:
                 argv = bench_argv(args.checkpoint, port, dataset, mode, concurrency, args)
                 runs.append(Run(mode, concurrency, run_bench(argv, log)))
                 print(" | ".join(runs[-1].cells()), flush=True)
 
-    example = bench_argv(
-        args.checkpoint, port, dataset, MASK_DIFFUSION, max(args.concurrency), args
-    )
+    example = bench_argv(args.checkpoint, port, dataset, args.modes[0], max(args.concurrency), args)
     text = "\n".join(
         [
             table(runs),

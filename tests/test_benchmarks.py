@@ -18,7 +18,7 @@ SMOKE_RUNS = {
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
     "quality": ["benchmarks/quality.py", "--smoke"],  # writes to a temporary folder
     # starts the OpenAI server on loopback, runs vllm bench serve against it, stops it
-    "serve": ["benchmarks/serve.py", "--smoke", "--no-write"],
+    "serve": ["benchmarks/serve.py", "--smoke", "--modes", "mask_diffusion", "ar", "speculative"],
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
     "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
