@@ -271,21 +271,15 @@ def ratios(runs: list[Run]) -> str:
     """Each mode / AR at each concurrency, and each mode's scaling against the lowest one."""
     by = {(r.mode, r.concurrency): r.result for r in runs}
     modes = list(dict.fromkeys(r.mode for r in runs))
+    others = [m for m in modes if m != AR]
+    against_ar = (("output tok/s", "output_throughput"), ("requests/s", "request_throughput"))
     levels = sorted({r.concurrency for r in runs})
-    head = ["concurrency"]
-    for m in modes:
-        if m != AR:
-            head += [f"{m} / AR, output tok/s", f"{m} / AR, requests/s"]
+    head = ["concurrency"] + [f"{m} / AR, {label}" for m in others for label, _ in against_ar]
     head += [f"{m} output tok/s ÷ concurrency {levels[0]}" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in levels:
         cells = [str(c)]
-        for m in modes:
-            if m != AR:
-                cells += [
-                    _ratio(by[m, c], by[AR, c], "output_throughput"),
-                    _ratio(by[m, c], by[AR, c], "request_throughput"),
-                ]
+        cells += [_ratio(by[m, c], by[AR, c], key) for m in others for _, key in against_ar]
         cells += [_ratio(by[m, c], by[m, levels[0]], "output_throughput") for m in modes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
