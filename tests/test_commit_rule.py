@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_twotower.commit import SamplingFilters, commit_step, fold_seed, sampling_cutoff
+from vllm_twotower.commit import (
+    LOGPROBS_MODES,
+    SamplingFilters,
+    commit_step,
+    fold_seed,
+    reported_logprobs,
+    sampling_cutoff,
+)
 
 MASK = 3
 
@@ -220,3 +227,55 @@ def test_filters_ignored_under_greedy_and_drawn_tokens_are_kept() -> None:
         assert bool((chosen >= cutoff).all())
         top3 = logits.masked_fill(torch.arange(50) == MASK, float("-inf")).topk(3).indices
         assert bool((drawn.unsqueeze(-1) == top3).any(-1).all())
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31), vocab=st.integers(2, 300))
+def test_logprobs_modes_are_vllms(seed: int, vocab: int) -> None:
+    """Each ``--logprobs-mode`` reports what vLLM's sampler reports for a mixed batch of
+    greedy and sampled rows (``vllm/v1/sample/sampler.py``): the raw logits or their
+    ``compute_logprobs``; the adjusted logits after ``apply_temperature`` (greedy rows divided
+    by 1), the min-p processor and ``apply_top_k_top_p`` (what vLLM's sampler keeps,
+    ``_vllm_kept``), or their log-softmax."""
+    from vllm.v1.sample.sampler import Sampler
+
+    g = torch.Generator().manual_seed(seed)
+    rows = 6
+    raw = torch.randn(rows, vocab, generator=g, dtype=torch.float64).float() * 3
+    adjusted = raw + torch.randn(rows, vocab, generator=g)  # e.g. a bias
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.6, 0.0, 2.0])
+    filters = SamplingFilters(
+        torch.randint(0, vocab + 1, (rows,), generator=g),
+        torch.rand(rows, generator=g, dtype=torch.float64) * 0.9 + 0.1,
+        torch.rand(rows, generator=g, dtype=torch.float64) * 0.3,
+    )
+    vllm_temperature = torch.where(temperature > 0, temperature, 1.0)
+    processed = Sampler.apply_temperature(adjusted.clone(), vllm_temperature, all_random=False)
+    for r in range(rows):
+        if temperature[r] > 0:
+            top_k = filters.top_k[r : r + 1].clamp(min=1) if filters.top_k[r] else None
+            kept = _vllm_kept(
+                adjusted[r : r + 1],
+                float(temperature[r]),
+                top_k if top_k is not None else torch.tensor([vocab]),
+                filters.top_p[r : r + 1],
+                filters.min_p[r : r + 1],
+            )
+            processed[r] = processed[r].masked_fill(~kept[0], float("-inf"))
+    expected = {
+        "raw_logits": raw,
+        "raw_logprobs": Sampler.compute_logprobs(raw),
+        "processed_logits": processed,
+        "processed_logprobs": Sampler.compute_logprobs(processed),
+    }
+    assert set(expected) == set(LOGPROBS_MODES)
+    for mode, values in expected.items():
+        ours = reported_logprobs(
+            raw,
+            mask_id=None,
+            logprobs_mode=mode,
+            adjusted=adjusted,
+            temperature=temperature,
+            filters=filters,
+        )
+        assert torch.equal(ours, values), mode

@@ -1,4 +1,5 @@
-"""Logit bias and penalties (``vllm_twotower.logit_adjust``) against vLLM's own functions."""
+"""Allowed ids, bad words, logit bias and penalties (``vllm_twotower.logit_adjust``) against
+vLLM's own functions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active, pad_bad_words
 
 
 def _vllm_adjusted(
@@ -68,6 +69,18 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
     for r in range(rows):
         if len(outputs[r]) < int(min_tokens[r]):
             disallowed[r, [i for i in stop_ids[r].tolist() if i >= 0]] = True
+    # Bad words of 1-3 ids; half of them end the output (so their last id is banned).
+    words: list[list[list[int]]] = []
+    for r in range(rows):
+        row_words = []
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+            n = int(torch.randint(1, 4, (1,), generator=g))
+            word = torch.randint(0, vocab, (n,), generator=g).tolist()
+            if n > 1 and len(outputs[r]) >= n - 1 and bool(torch.rand(1, generator=g) < 0.5):
+                word[:-1] = outputs[r][len(outputs[r]) - (n - 1) :].tolist()
+            row_words.append(word)
+        words.append(row_words)
+    bad_words = torch.stack([pad_bad_words(w, 3, 3) for w in words])
     dense = torch.zeros(rows, vocab)
     for r in range(rows):
         for i, v in zip(bias_ids[r].tolist(), bias_values[r].tolist(), strict=True):
@@ -85,9 +98,16 @@ def test_matches_vllm(seed: int, vocab: int) -> None:
         allowed_ids=allowed_ids,
         min_tokens=min_tokens,
         stop_ids=stop_ids,
+        bad_words=bad_words,
     )
+    from vllm.v1.sample.ops.bad_words import apply_bad_words
+
+    with_bad_words = logits.clone()
+    apply_bad_words(
+        with_bad_words, dict(enumerate(words)), [o.tolist() for o in outputs]
+    )  # in place, as vLLM's sampler calls it
     expected = _vllm_adjusted(
-        logits, prompts, outputs, presence, frequency, repetition, dense, disallowed
+        with_bad_words, prompts, outputs, presence, frequency, repetition, dense, disallowed
     )
     assert torch.equal(adjuster(logits), expected)
     # A diffusion block: one history per row, the same adjustment at every position.
@@ -100,6 +120,9 @@ def test_neutral_rows_are_inactive_and_unchanged() -> None:
     none = torch.full((2, 1), -1)
     no_min = torch.zeros(2, dtype=torch.int64)
     active = adjustments_active(zeros, zeros, torch.tensor([1.0, 1.2]), none, none, no_min)
+    assert active.tolist() == [False, True]
+    one_word = torch.stack([pad_bad_words([], 1, 2), pad_bad_words([[4, 5]], 1, 2)])
+    active = adjustments_active(zeros, zeros, torch.ones(2), none, none, no_min, one_word)
     assert active.tolist() == [False, True]
     logits = torch.randn(2, 10)
     adjuster = LogitAdjuster.build(

@@ -212,15 +212,66 @@ def predict(
     return tokens, confidence
 
 
-def token_logprobs(logits: torch.Tensor, *, mask_id: int | None) -> torch.Tensor:
-    """Log-probabilities ``[..., V]`` (float32) of the distribution tokens are committed from.
+#: vLLM's ``--logprobs-mode`` values (``vllm/config/model.py: LogprobsMode``), all honoured.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
-    The untempered softmax of the logits with the mask id suppressed where :func:`predict`
-    suppresses it, so a greedy token's log-probability is the log of its commit confidence.
-    Untempered, as vLLM's default ``logprobs_mode`` (``raw_logprobs``) reports them.  What a
-    request's ``logprobs`` return for each emitted token, in the reference and the engine.
+
+def processed_logits(
+    logits: torch.Tensor,
+    *,
+    mask_id: int | None,
+    temperature: torch.Tensor,
+    filters: SamplingFilters | None,
+) -> torch.Tensor:
+    """Float32 ``[..., V]``: the logits a token is drawn from, as vLLM's sampler processes them.
+
+    ``logits`` are those :func:`predict` is given (the request's allowed ids, bad words, bias
+    and penalties already applied, :mod:`vllm_twotower.logit_adjust`), with the mask id
+    suppressed, divided by the row's temperature (``1`` for greedy rows, as vLLM's
+    ``apply_temperature`` does in a mixed batch), and ``-inf`` outside what the row's
+    ``min_p`` / ``top_k`` / ``top_p`` keep (:func:`sampling_cutoff`).  vLLM's sampler returns
+    this tensor as ``processed_logits`` (and its log-softmax as ``processed_logprobs``).
     """
-    return torch.log_softmax(_suppressed(logits, mask_id), dim=-1)
+    cutoff = sampling_cutoff(logits, mask_id=mask_id, temperature=temperature, filters=filters)
+    logits = _suppressed(logits, mask_id)
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    kept = logits.double() / temp.double().unsqueeze(-1) >= cutoff.unsqueeze(-1)
+    return (logits / temp.float().unsqueeze(-1)).masked_fill(~kept, float("-inf"))
+
+
+def reported_logprobs(
+    raw: torch.Tensor,
+    *,
+    mask_id: int | None,
+    logprobs_mode: str = "raw_logprobs",
+    adjusted: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    filters: SamplingFilters | None = None,
+) -> torch.Tensor:
+    """What a request's ``logprobs`` report ``[..., V]`` (float32) for tokens chosen from a
+    distribution, in vLLM's ``logprobs_mode``; the reference and the engine both call it.
+
+    The distribution is the one each token is committed from: the model's ``raw`` logits
+    (the context tower's in ``ar`` and a speculative verification, the denoiser pass that
+    decided it in ``mask_diffusion`` and ``mock_ar``) with the mask id suppressed where
+    :func:`predict` suppresses it, so a greedy token's raw log-probability is the log of its
+    commit confidence.  The ``raw_*`` modes report those logits (or their log-softmax: vLLM's
+    default); the ``processed_*`` modes report :func:`processed_logits` of the ``adjusted``
+    logits the commit rule chose from (``raw`` when no adjustment applies) under each row's
+    ``temperature`` and ``filters`` (or their log-softmax).
+    """
+    if logprobs_mode.startswith("raw_"):
+        values = _suppressed(raw, mask_id)
+    else:
+        if temperature is None:
+            raise ValueError(f"logprobs_mode {logprobs_mode!r} needs the rows' temperature")
+        values = processed_logits(
+            raw if adjusted is None else adjusted,
+            mask_id=mask_id,
+            temperature=temperature,
+            filters=filters,
+        )
+    return torch.log_softmax(values, dim=-1) if logprobs_mode.endswith("logprobs") else values
 
 
 def num_to_commit(

@@ -660,6 +660,24 @@ def max_num_logprobs(runner: Any) -> int | None:
     return runner.input_batch.max_num_logprobs
 
 
+@depends_on(
+    "vllm.v1.worker.gpu_input_batch:InputBatch#logprob_token_ids",
+    "vllm.v1.worker.gpu_input_batch:InputBatch#req_id_to_index",
+)
+def logprob_token_ids(runner: Any) -> dict[int, list[int]]:
+    """Batch row -> the ids a request's ``logprob_token_ids`` asks logprobs for (rows that ask).
+
+    ``InputBatch.logprob_token_ids`` is keyed by request id; ``make_sampling_metadata`` maps it
+    to batch rows the same way for vLLM's ``Sampler.gather_specific_token_logprobs``.
+    """
+    batch = runner.input_batch
+    return {
+        batch.req_id_to_index[req_id]: list(ids)
+        for req_id, ids in batch.logprob_token_ids.items()
+        if req_id in batch.req_id_to_index
+    }
+
+
 @depends_on("vllm.v1.sample.sampler:Sampler.gather_logprobs", "vllm.v1.outputs:LogprobsTensors")
 def gather_logprobs(
     logprobs: torch.Tensor, num_logprobs: int, token_ids: torch.Tensor

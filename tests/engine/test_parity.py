@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.engine.conftest import ENGINE_KWARGS
+from vllm_twotower.data.tokenizer import build_tokenizer
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.reference.generate import SamplingSpec, generate
@@ -34,6 +35,9 @@ class Case:
 
     def sampling_params_knobs(self) -> dict:
         knobs = dict(self.knobs)
+        if "bad_words" in knobs:  # the reference takes ids; vLLM's front end tokenizes text
+            tokenizer = build_tokenizer()
+            knobs["bad_words"] = [tokenizer.decode(list(ids)) for ids in knobs["bad_words"]]
         if "logit_bias" in knobs:
             knobs["logit_bias"] = dict(knobs["logit_bias"])
         if "allowed_token_ids" in knobs:
@@ -91,6 +95,9 @@ CASES = [
     Case(3, {"mode": "speculative"}, max_tokens=1),  # c alone is the whole output
     # speculative under vLLM's filters: the verification draws as ar does
     Case(41, {"mode": "speculative"}, 24, 1.2, 22, None, (("min_p", 0.1), ("top_p", 0.9))),
+    # bad words (one-token modes): a one-id word and a two-id one, each in the free output
+    Case(13, {"mode": "ar"}, 16, 0.0, 0, 2, (("bad_words", ((16,), (8, 53))),)),
+    Case(15, {"mode": "mock_ar"}, 12, 1.0, 29, 1, (("bad_words", ((48,), (65, 71))),)),
 ]
 
 
@@ -103,7 +110,7 @@ def reference_outputs(model: TwoTowerModel, prompts, cases) -> list[list[int]]:
     return [r.output_ids for r in reference_results(model, prompts, cases)]
 
 
-def reference_results(model: TwoTowerModel, prompts, cases):
+def reference_results(model: TwoTowerModel, prompts, cases, logprobs_mode: str = "raw_logprobs"):
     defaults = model.config.diffusion
     params, sampling = [], []
     for case in cases:
@@ -124,6 +131,7 @@ def reference_results(model: TwoTowerModel, prompts, cases):
                 max_new_tokens=case.max_tokens,
                 temperature=case.temperature,
                 seed=case.seed,
+                logprobs_mode=logprobs_mode,
                 **dict(case.knobs),
             )
         )

@@ -31,8 +31,6 @@ def refused_examples() -> dict[str, Any]:
     """A value that would change the output, for every refused field."""
 
     return {
-        "bad_words": ["AB"],
-        "logprob_token_ids": [5],
         "thinking_token_budget": 10, "watermarking": object(), "trace_decode_token_ids": [5],
         "routed_experts_prompt_start": 1,
     }  # fmt: skip
@@ -56,21 +54,21 @@ def test_every_refused_field_is_refused_naming_it() -> None:
         assert "not supported by the TwoTower engine" in str(error.value)
 
 
-def test_structured_outputs_only_in_one_token_modes() -> None:
+@pytest.mark.parametrize("name", ["structured_outputs", "bad_words"])
+def test_out_of_order_knobs_only_in_one_token_modes(name: str) -> None:
+    """A grammar and bad words constrain a token by the tokens before it: honoured where a
+    step chooses one token after the known output, refused (pointing to ar) where a block
+    commits out of order or a draft several tokens at once."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    for mode in ("ar", "mock_ar"):
-        TwoTowerParamsValidator.validate_params(
-            SamplingParams(
-                structured_outputs=StructuredOutputsParams(regex="a+"), extra_args={"mode": mode}
-            )
-        )
-    guided = SamplingParams(
-        structured_outputs=StructuredOutputsParams(regex="a+"),
-        extra_args={"mode": "mask_diffusion"},
-    )
-    with pytest.raises(ValueError, match=r'^structured_outputs=.*"mode": "ar"'):
-        TwoTowerParamsValidator.validate_params(guided)
+    value = StructuredOutputsParams(regex="a+") if name == "structured_outputs" else ["AB"]
+    for mode in MODES:
+        params = SamplingParams(extra_args={"mode": mode}, **{name: value})
+        if mode in ("ar", "mock_ar"):
+            TwoTowerParamsValidator.validate_params(params)
+        else:
+            with pytest.raises(ValueError, match=rf'^{name}=.*"mode": "ar"'):
+                TwoTowerParamsValidator.validate_params(params)
 
 
 @pytest.mark.parametrize(
@@ -120,9 +118,9 @@ def test_a_generation_config_default_the_engine_cannot_apply_fails_at_start(
     (model / "generation_config.json").write_text(json.dumps({**generation, **honoured}))
     engine_config(model)
     with pytest.raises(
-        ValueError, match=r"generation_config: bad_words=\['x'\] .*--generation-config vllm"
+        ValueError, match=r"generation_config: thinking_token_budget=10 .*--generation-config vllm"
     ):
-        refuse_unsupported_generation_defaults({"bad_words": ["x"], "top_p": 0.95})
+        refuse_unsupported_generation_defaults({"thinking_token_budget": 10, "top_p": 0.95})
 
 
 def test_the_design_doc_table_lists_every_field_with_its_handling() -> None:

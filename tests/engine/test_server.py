@@ -160,13 +160,15 @@ def test_bad_request_is_400_while_good_ones_complete(server: str) -> None:
     assert all(r.json()["choices"][0]["text"] for r in responses)
 
 
-def test_sampler_only_knobs_are_400_naming_the_field(server: str) -> None:
-    """Knobs vLLM applies inside its sampler are refused, never silently ignored."""
-    knobs = {"bad_words": ["ab"]}
-    for name, value in knobs.items():
-        response = complete(server, temperature=0.8, **{name: value})
-        assert response.status_code == 400, (name, response.text)
-        assert f"{name}=" in response.json()["error"]["message"], response.text
+def test_knobs_a_mode_cannot_apply_are_400_naming_the_field(server: str) -> None:
+    """A knob the request's mode cannot apply is refused, never silently ignored: bad words
+    in the default mask_diffusion (they work in ar, tested against the reference)."""
+    response = complete(server, temperature=0.8, bad_words=["ab"])
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "bad_words=" in message and '"mode": "ar"' in message, response.text
+    response = complete(server, temperature=0.8, bad_words=["ab"], vllm_xargs={"mode": "ar"})
+    assert response.status_code == 200, response.text
     honoured = {"top_p": 0.5, "top_k": 3, "min_p": 0.1, "frequency_penalty": 0.5,
                 "presence_penalty": 0.3, "repetition_penalty": 1.2,
                 "logit_bias": {"5": 3}, "allowed_token_ids": [5, 6, 7],

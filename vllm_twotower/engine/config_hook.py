@@ -158,12 +158,6 @@ class TwoTowerConfigHook(vi.nemotron_h_config_hook()):
         if VALIDATOR_FQCN not in procs:
             model_config.logits_processors = [*procs, VALIDATOR_FQCN]
         refuse_unsupported_generation_defaults(model_config.get_diff_sampling_param())
-        if model_config.logprobs_mode != "raw_logprobs":
-            raise ValueError(
-                f"--logprobs-mode {model_config.logprobs_mode} is not supported by the TwoTower "
-                "engine: it reports raw_logprobs (the untempered log-probability each token was "
-                "committed with; docs/engine-design.md §5)"
-            )
         defaults = server_defaults(model_config)
         set_admission_defaults(defaults)
         logger.info("TwoTower engine defaults: %s", defaults)

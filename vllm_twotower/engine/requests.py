@@ -18,7 +18,7 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
-from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active, pad_bad_words
 from vllm_twotower.params import MASK_DIFFUSION, MODES, SPECULATIVE
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
@@ -149,6 +149,10 @@ class RequestTable:
         self.min_tokens = extend(None if first else self.min_tokens, long)
         width = 0 if first else self.stop_ids.shape[1]
         self.stop_ids = self._resized(None if first else self.stop_ids, capacity, width, -1)
+        #: each slot's bad words (vLLM's bad_words_token_ids), [capacity, most words so far,
+        #: longest word so far], right-aligned, -1 = unused (logit_adjust.pad_bad_words)
+        shape = (0, 1) if first else self.bad_words.shape[1:]
+        self.bad_words = self._resized_words(None if first else self.bad_words, capacity, *shape)
         #: denoiser forward passes, blocks denoised and tokens the denoiser decided
         self.nfe = extend(None if first else self.nfe, long)
         self.blocks = extend(None if first else self.blocks, long)
@@ -164,6 +168,16 @@ class RequestTable:
         new = torch.full((rows, width), fill, dtype=dtype)
         if old is not None:
             new[: old.shape[0], : old.shape[1]] = old
+        return new
+
+    @staticmethod
+    def _resized_words(
+        old: torch.Tensor | None, rows: int, count: int, length: int
+    ) -> torch.Tensor:
+        """A ``[rows, count, length]`` copy of the bad words ``old``, still right-aligned."""
+        new = torch.full((rows, count, length), -1, dtype=torch.int64)
+        if old is not None:
+            new[: old.shape[0], : old.shape[1], length - old.shape[2] :] = old
         return new
 
     def slots(self, req_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
@@ -219,6 +233,12 @@ class RequestTable:
             self.stop_ids = self._resized(self.stop_ids, self.capacity, len(stops), -1)
         self.stop_ids[slot] = -1
         self.stop_ids[slot, : len(stops)] = torch.tensor(stops, dtype=torch.int64)
+        words = sp.bad_words_token_ids or []
+        count = max(len(words), self.bad_words.shape[1])
+        length = max([self.bad_words.shape[2], *map(len, words)])
+        if (count, length) != self.bad_words.shape[1:]:
+            self.bad_words = self._resized_words(self.bad_words, self.capacity, count, length)
+        self.bad_words[slot] = pad_bad_words(words, count, length)
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = self.accepted[slot] = 0
         return slot
 
@@ -227,7 +247,8 @@ class RequestTable:
         return SamplingFilters(self.top_k[slots], self.top_p[slots], self.min_p[slots])
 
     def adjustments_active(self, slots: torch.Tensor) -> torch.Tensor:
-        """Bool per slot: the request sets a logit bias, a penalty, allowed ids or min_tokens."""
+        """Bool per slot: the request sets a logit bias, a penalty, allowed ids, bad words or
+        min_tokens."""
         return adjustments_active(
             self.presence[slots],
             self.frequency[slots],
@@ -235,6 +256,7 @@ class RequestTable:
             self.bias_ids[slots],
             self.allowed_ids[slots],
             self.min_tokens[slots],
+            self.bad_words[slots],
         )
 
     def adjuster(
@@ -244,7 +266,8 @@ class RequestTable:
         prompts: list[torch.Tensor],
         outputs: list[torch.Tensor],
     ) -> LogitAdjuster:
-        """The bias and penalties of ``slots``, whose token histories are given."""
+        """The allowed ids, bad words, bias and penalties of ``slots``, whose token histories
+        are given."""
         return LogitAdjuster.build(
             vocab_size,
             prompts=prompts,
@@ -257,6 +280,7 @@ class RequestTable:
             allowed_ids=self.allowed_ids[slots],
             min_tokens=self.min_tokens[slots],
             stop_ids=self.stop_ids[slots],
+            bad_words=self.bad_words[slots],
         )
 
     def _stats_of(self, slot: int) -> RequestStats:

@@ -62,6 +62,7 @@ class TwoTowerRunnerMixin:
         self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self._tt_reader: ContextReader | None = None
         self._tt_logprobs: StepLogprobs | None = None  # this step's, when a request asks
+        self.tt_logprobs_mode = self.model_config.logprobs_mode
         self._tt_last_log = 0.0
 
     @property
@@ -137,10 +138,12 @@ class TwoTowerRunnerMixin:
             ).max()
         )
         out = torch.full((num_reqs, width), PLACEHOLDER, dtype=torch.int32)
-        num_logprobs = vi.max_num_logprobs(self)
-        self._tt_logprobs = (
-            None if num_logprobs is None else StepLogprobs(num_reqs, width, num_logprobs)
-        )
+        num_logprobs, named = vi.max_num_logprobs(self), vi.logprob_token_ids(self)
+        self._tt_logprobs = None
+        if num_logprobs is not None or named:
+            self._tt_logprobs = StepLogprobs(
+                num_reqs, width, num_logprobs, self.tt_logprobs_mode, named
+            )
 
         ar_rows = torch.nonzero(live & (mode == AR)).flatten()
         if ar_rows.numel():
@@ -233,14 +236,15 @@ class TwoTowerRunnerMixin:
         table.nfe[slots] += 1
         table.decided[slots] += 1  # each pass decides the row's one token
         keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
+        adjusted = self._tt_adjusted(logits, rows, slots, context_logits)
         tokens, _ = predict(
-            self._tt_adjusted(logits, rows, slots, context_logits),
+            adjusted,
             mask_id=None,
             temperature=table.temperature[slots].to(logits.device),
             row_keys=keys.to(logits.device),
             filters=table.filters(slots).to(logits.device),
         )
-        self._tt_record_one_token_per_row(rows, logits, tokens)
+        self._tt_record_one_token_per_row(rows, slots, logits, adjusted, tokens)
         return tokens.cpu().to(torch.int32)
 
     def _sample_ar(
@@ -250,14 +254,15 @@ class TwoTowerRunnerMixin:
         table = self.tt_requests
         device = logits.device
         keys = noise_row_keys(table.seed[slots], seq_lens, torch.zeros_like(seq_lens))
+        adjusted = self._tt_adjusted(logits, rows, slots)
         tokens, _ = predict(
-            self._tt_adjusted(logits, rows, slots),
+            adjusted,
             mask_id=None,
             temperature=table.temperature[slots].to(device),
             row_keys=keys.to(device),
             filters=table.filters(slots).to(device),
         )
-        self._tt_record_one_token_per_row(rows, logits, tokens)
+        self._tt_record_one_token_per_row(rows, slots, logits, adjusted, tokens)
         return tokens.cpu()
 
     def _tt_adjusted(
@@ -303,11 +308,25 @@ class TwoTowerRunnerMixin:
         return adjust.to(logits.device)(logits)
 
     def _tt_record_one_token_per_row(
-        self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        logits: torch.Tensor,
+        adjusted: torch.Tensor,
+        tokens: torch.Tensor,
     ) -> None:
         """Keep the logprobs of AR / mock-AR tokens (no mask suppression) if any row asked."""
         if self._tt_logprobs is not None:
-            self._tt_logprobs.record(rows, torch.zeros_like(rows), logits, tokens, mask_id=None)
+            self._tt_logprobs.record(
+                rows,
+                torch.zeros_like(rows),
+                tokens,
+                logits,
+                mask_id=None,
+                temperature=self.tt_requests.temperature[slots],
+                filters=self.tt_requests.filters(slots),
+                adjusted=adjusted,
+            )
 
     @torch.inference_mode()
     def _denoise_blocks(
@@ -359,8 +378,9 @@ class TwoTowerRunnerMixin:
             # Rows leave as their blocks complete; until one does, no context copy is needed.
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
             logits = model.denoise(sub, rows_context, t, row["block_size"])
+            adjusted = self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()])
             result = commit_step(
-                self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()]),
+                adjusted,
                 sub,
                 mask_id=mask_id,
                 threshold=row["threshold"],
@@ -377,9 +397,12 @@ class TwoTowerRunnerMixin:
                 self._tt_logprobs.record(
                     rows[idx[at].cpu()],
                     position,
-                    logits[at, position],
                     result.canvas[at, position],
-                    mask_id,
+                    logits[at, position],
+                    mask_id=mask_id,
+                    temperature=row["temperature"][at],
+                    filters=filters.select(idx[at]),
+                    adjusted=adjusted[at, position],
                 )
             canvas[idx] = result.canvas
             step[idx] += 1
@@ -430,7 +453,13 @@ class TwoTowerRunnerMixin:
         if self._tt_logprobs is not None:  # each from the verification logit that chose it
             at, position = torch.nonzero(keep, as_tuple=True)
             self._tt_logprobs.record(
-                rows[at], position + 1, logits[at, position], ar[at, position], mask_id=None
+                rows[at],
+                position + 1,
+                ar[at, position],
+                logits[at, position],
+                mask_id=None,
+                temperature=table.temperature[slots][at],
+                filters=table.filters(slots[at]),
             )
         return out
 

@@ -2,12 +2,13 @@
 
 The block step chooses every token (in each mode, ``ar`` included) with the commit rule
 (:mod:`vllm_twotower.commit`: temperature, vLLM's ``min_p`` / ``top_k`` / ``top_p`` filters
-and position-keyed Gumbel noise) over logits with vLLM's allowed ids, bias and penalties
-applied (:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler; structured outputs reach
-it as vLLM's grammar bitmask (``ar`` and ``mock_ar``).  So what vLLM implements *inside* its
-sampler or its logits processors beyond those (bad words) would not be applied.  Instead
-of silently ignoring such a field, admission refuses a request that sets it to anything but
-its neutral value, with a message naming the field (HTTP 400 from the server).
+and position-keyed Gumbel noise) over logits with vLLM's allowed ids, bad words, bias and
+penalties applied (:mod:`vllm_twotower.logit_adjust`), not with vLLM's sampler; structured
+outputs reach it as vLLM's grammar bitmask (``ar`` and ``mock_ar``).  What vLLM implements
+*inside* its sampler or its logits processors beyond those would not be applied: instead of
+silently ignoring such a field, admission refuses a request that sets it to anything but its
+neutral value, with a message naming the field (HTTP 400 from the server), and so it does for
+a field honoured only in other modes.
 
 What vLLM applies outside the sampler (stop conditions in the scheduler, detokenisation and
 streaming in the front end, prompt logprobs from the context tower's logits) is honoured, and
@@ -59,7 +60,6 @@ class Field:
         return self.handling == REFUSED
 
 
-_SAMPLER = "vLLM's sampler, which the block step replaces by the commit rule"
 _ADJUST = "logit_adjust.LogitAdjuster, on the logits the commit rule chooses from"
 #: The modes that apply the LogitAdjuster: a speculative step verifies a whole draft at once,
 #: where each position would need its own history (penalties, min_tokens); not built yet.
@@ -97,6 +97,9 @@ FIELDS: Mapping[str, Field] = {
     "logprobs": Field(
         HONOURED, "the block step: each token's log-probability in the pass that committed it"
     ),
+    "logprob_token_ids": Field(
+        HONOURED, "the block step: the named ids' values in the pass that committed each token"
+    ),
     "prompt_logprobs": Field(HONOURED, "vLLM's prompt-logprob path over the context tower"),
     "prompt_logprob_token_ids": Field(HONOURED, "vLLM's prompt-logprob path"),
     "prompt_logprob_start": Field(HONOURED, "vLLM's prompt-logprob path"),
@@ -109,9 +112,15 @@ FIELDS: Mapping[str, Field] = {
     "skip_clone": Field(HONOURED, "the front end"),
     "skip_reading_prefix_cache": Field(HONOURED, "the KV-cache manager"),
     "extra_args": Field(HONOURED, "the TwoTower parameters (mode, γ, steps, block size)"),
-    # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
-    "bad_words": Field(REFUSED, _SAMPLER, _empty),
-    "logprob_token_ids": Field(REFUSED, _SAMPLER),
+    "bad_words": Field(
+        HONOURED,
+        _ADJUST + " (a word's last id banned where the output ends with its other ids)",
+        _empty,
+        modes=(AR, MOCK_AR),
+        why_not="a diffusion block commits its positions out of order and a speculative step "
+        "several at once, so the tokens before a position are not known when it is chosen; "
+        'use "mode": "ar" (or "mock_ar")',
+    ),
     "structured_outputs": Field(
         HONOURED,
         "vLLM's grammar bitmask on the logits of the one token a step chooses",
@@ -120,6 +129,7 @@ FIELDS: Mapping[str, Field] = {
         "at once, which the grammar's one-token bitmask cannot constrain; use "
         '"mode": "ar" (or "mock_ar")',
     ),
+    # Refused unless neutral: applied inside vLLM's sampler or its logits processors.
     "thinking_token_budget": Field(REFUSED, "vLLM's reasoning logits processor"),
     "watermarking": Field(REFUSED, "Model Runner V2's sampler (TwoTower runs on V1)"),
     "trace_decode_token_ids": Field(REFUSED, "Model Runner V2's trace replay"),

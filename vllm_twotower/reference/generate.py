@@ -27,9 +27,9 @@ from vllm_twotower.commit import (
     fold_seed,
     noise_row_keys,
     predict,
-    token_logprobs,
+    reported_logprobs,
 )
-from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active
+from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active, pad_bad_words
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, SPECULATIVE, TwoTowerParams
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
@@ -55,13 +55,17 @@ class SamplingSpec:
     allowed_token_ids: tuple[int, ...] = ()
     #: EOS is banned until the output is this long (vLLM bans it even under ``ignore_eos``)
     min_tokens: int = 0
+    #: ``bad_words`` as vLLM's front end tokenizes them (``SamplingParams.bad_words_token_ids``)
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    #: what ``logprobs`` report (vLLM's ``--logprobs-mode``, :func:`reported_logprobs`)
+    logprobs_mode: str = "raw_logprobs"
 
     def adjust(
         self, logits: torch.Tensor, prompt: torch.Tensor, output_ids: list[int], eos: int
     ) -> torch.Tensor:
-        """``logits`` (one row: ``[..., V]``) with this request's allowed ids, ``min_tokens``
-        (banning ``eos``), bias and penalties, given the tokens committed before the token or
-        block they choose."""
+        """``logits`` (one row: ``[..., V]``) with this request's allowed ids, bad words,
+        ``min_tokens`` (banning ``eos``), bias and penalties, given the tokens committed before
+        the token or block they choose."""
         bias_ids = torch.tensor([[i for i, _ in self.logit_bias]], dtype=torch.int64)
         bias_values = torch.tensor([[v for _, v in self.logit_bias]], dtype=torch.float32)
         allowed_ids = torch.tensor([self.allowed_token_ids], dtype=torch.int64).view(1, -1)
@@ -70,7 +74,9 @@ class SamplingSpec:
         bias_ids = bias_ids.view(1, -1)
         min_tokens = torch.tensor([self.min_tokens])
         lists = (bias_ids, allowed_ids, min_tokens)
-        if not bool(adjustments_active(presence, frequency, repetition, *lists)):
+        length = max([1, *(len(w) for w in self.bad_words)])
+        bad_words = pad_bad_words(self.bad_words, len(self.bad_words), length)[None]
+        if not bool(adjustments_active(presence, frequency, repetition, *lists, bad_words)):
             return logits
         adjuster = LogitAdjuster.build(
             logits.shape[-1],
@@ -84,6 +90,7 @@ class SamplingSpec:
             allowed_ids=allowed_ids,
             min_tokens=min_tokens,
             stop_ids=torch.tensor([[eos]]),
+            bad_words=bad_words,
         )
         return adjuster.to(logits.device)(logits[None])[0]
 
@@ -105,8 +112,8 @@ class GenerationResult:
     nfe: int = 0  # denoiser forward passes
     tokens_per_step: list[int] = field(default_factory=list)  # tokens decided by each model step
     finish_reason: str = "length"  # "stop" (EOS) or "length"
-    #: log-probability of each output token under the distribution it was committed from
-    #: (:func:`~vllm_twotower.commit.token_logprobs`): what a request's ``logprobs`` report
+    #: what a request's ``logprobs`` report for each output token, from the distribution it was
+    #: committed from (:func:`~vllm_twotower.commit.reported_logprobs`)
     logprobs: list[float] = field(default_factory=list)
     #: speculative mode: drafted tokens accepted by each verification
     accepted: list[int] = field(default_factory=list)
@@ -180,19 +187,23 @@ def _emit_next(
     eos: int,
 ) -> int:
     """Append the next token from one logit row (no mask suppression: AR and mock-AR may emit
-    it; bias and penalties applied) and its raw log-probability to ``result``; return it."""
+    it; bias and penalties applied) and its reported log-probability to ``result``; return
+    it."""
     keys = noise_row_keys(
         torch.tensor(fold_seed(sampling.seed)), torch.tensor(position), torch.tensor(0)
     )
-    token, _ = predict(
-        sampling.adjust(logits, prompt, result.output_ids, eos),
-        mask_id=None,
-        temperature=torch.tensor(sampling.temperature),
-        row_keys=keys,
-        filters=sampling.filters(rows=0).to(logits.device),
+    adjusted = sampling.adjust(logits, prompt, result.output_ids, eos)
+    choice = {
+        "mask_id": None,
+        "temperature": torch.tensor(sampling.temperature),
+        "filters": sampling.filters(rows=0).to(logits.device),
+    }
+    token, _ = predict(adjusted, row_keys=keys, **choice)
+    reported = reported_logprobs(
+        logits, logprobs_mode=sampling.logprobs_mode, adjusted=adjusted, **choice
     )
     result.output_ids.append(int(token))
-    result.logprobs.append(float(token_logprobs(logits, mask_id=None)[token]))
+    result.logprobs.append(float(reported[token]))
     result.tokens_per_step.append(1)
     return int(token)
 
@@ -246,6 +257,7 @@ def fill_blocks(
     filters: SamplingFilters | None = None,
     adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
     canvas: torch.Tensor | None = None,
+    logprobs_mode: str = "raw_logprobs",
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Denoise ``rows`` blocks of ``[MASK]`` with the commit rule, all from the same position.
 
@@ -254,11 +266,12 @@ def fill_blocks(
 
     ``logits_of(canvas [rows, S]) -> [rows, S, V]`` is the denoiser pass (its time conditioning
     included).  Returns ``(blocks [rows, S], positions decided by each pass [rows], each
-    token's log-probability in the pass that decided it [rows, S])``; passes stop once no row
-    holds a mask.  The reference calls it with one row; stage-2 validation
+    token's reported log-probability in the pass that decided it [rows, S])``; passes stop
+    once no row holds a mask.  The reference calls it with one row; stage-2 validation
     (:mod:`vllm_twotower.train.decoding`) with a batch of equal-length prompts.  ``filters``
     (per row) and ``adjust`` (logit bias and penalties) shape the distribution tokens are
-    committed from; the log-probabilities are those of the raw logits.
+    committed from; ``logprobs_mode`` says what the log-probabilities report
+    (:func:`~vllm_twotower.commit.reported_logprobs`).
     """
     size, steps = params.block_size, params.steps_per_block
     if canvas is None:
@@ -273,8 +286,9 @@ def fill_blocks(
         if not bool((canvas == mask_id).any()):
             break
         logits = logits_of(canvas)
+        adjusted = adjust(logits) if adjust is not None else logits
         committed = commit_step(
-            adjust(logits) if adjust is not None else logits,
+            adjusted,
             canvas,
             mask_id=mask_id,
             threshold=per_row(params.confidence_threshold, torch.float32),
@@ -286,7 +300,15 @@ def fill_blocks(
             filters=filters,
         )
         decided = (canvas == mask_id) & (committed.canvas != mask_id)
-        chosen = token_logprobs(logits, mask_id=mask_id).gather(-1, committed.canvas[..., None])
+        reported = reported_logprobs(
+            logits,
+            mask_id=mask_id,
+            logprobs_mode=logprobs_mode,
+            adjusted=adjusted,
+            temperature=per_row(temperature, torch.float32)[:, None].expand(canvas.shape),
+            filters=filters.expand(canvas.shape) if filters is not None else None,
+        )
+        chosen = reported.gather(-1, committed.canvas[..., None])
         logprobs = torch.where(decided, chosen[..., 0], logprobs)
         canvas = committed.canvas
         per_pass.append(committed.num_committed)
@@ -328,6 +350,7 @@ def denoise_block(
             logits, prompt, output_ids, model.config.eos_token_id
         ),
         canvas=canvas,
+        logprobs_mode=sampling.logprobs_mode,
     )
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
@@ -392,7 +415,13 @@ def _generate_speculative(
         result.accepted.append(k)
         result.tokens_per_step[-1] += k + 1  # c and what the verification let through
         result.output_ids.extend(emitted.tolist())
-        logprobs = token_logprobs(verify[: k + 1], mask_id=None)
+        logprobs = reported_logprobs(
+            verify[: k + 1],
+            mask_id=None,
+            logprobs_mode=sampling.logprobs_mode,
+            temperature=torch.full((k + 1,), sampling.temperature, device=model.device),
+            filters=sampling.filters(rows=k + 1).to(model.device),
+        )
         result.logprobs.extend(logprobs.gather(-1, emitted[:, None])[:, 0].tolist())
         if stopper.finish(result):
             return result
