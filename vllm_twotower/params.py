@@ -20,7 +20,21 @@ from typing import Any
 from vllm_twotower.config import DiffusionDefaults
 
 MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE = "mask_diffusion", "mock_ar", "ar", "speculative"
-MODES = (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE)
+#: Load-aware decoding (issue #24): each engine step, a diffusion block or an AR token,
+#: whichever the engine's cost model says commits more tokens per second for the batch.
+AUTO = "auto"
+MODES = (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE, AUTO)
+#: What one engine step did for a request, as its schedule records it (``twotower_stats``)
+#: and the reference replays it: a diffusion block, an AR token, a speculative draft.
+DIFFUSION_STEP, AR_STEP, DRAFT_STEP = "d", "a", "s"
+#: The steps each mode's requests may take (mock-AR's are its own); the first is the one taken
+#: when the engine does not adapt the schedule to the load.
+MODE_STEPS = {
+    MASK_DIFFUSION: (DIFFUSION_STEP,),
+    AR: (AR_STEP,),
+    SPECULATIVE: (DRAFT_STEP, AR_STEP),
+    AUTO: (DIFFUSION_STEP, AR_STEP),
+}
 #: The ``extra_args`` keys this plugin reads.
 EXTRA_ARG_KEYS = (
     "mode",

@@ -2,7 +2,10 @@
 
 Requests are generated one after another with cached context state (KV and Mamba states are
 extended, never recomputed).  This is the oracle the vLLM engine is held to token for token, so
-it favours clarity: one function per mode, the commit rule from :mod:`vllm_twotower.commit`.
+it favours clarity: one function per kind of engine step (an AR token, a diffusion block, a
+speculative draft; mock-AR's own loop), the commit rule from :mod:`vllm_twotower.commit`.  A
+request takes its mode's step every time, or, in ``auto`` (and load-aware ``speculative``), the
+steps the engine chose, replayed from its schedule.
 
 Conventions shared with the engine:
 
@@ -15,7 +18,8 @@ Conventions shared with the engine:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +34,14 @@ from vllm_twotower.commit import (
     reported_logprobs,
 )
 from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active, pad_bad_words
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, SPECULATIVE, TwoTowerParams
+from vllm_twotower.params import (
+    AR_STEP,
+    AUTO,
+    DIFFUSION_STEP,
+    MOCK_AR,
+    MODE_STEPS,
+    TwoTowerParams,
+)
 from vllm_twotower.reference.blocks import ContextState
 from vllm_twotower.reference.model import TwoTowerModel
 
@@ -133,8 +144,15 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: TwoTowerParams | Sequence[TwoTowerParams] | None = None,
     sampling: SamplingSpec | Sequence[SamplingSpec] = SamplingSpec(),
+    schedules: Sequence[str | None] | None = None,
 ) -> list[GenerationResult]:
-    """Generate for each prompt with its own (or a shared) mode and sampling parameters."""
+    """Generate for each prompt with its own (or a shared) mode and sampling parameters.
+
+    ``schedules[i]`` replays what each engine step did for request ``i`` (``twotower_stats``'
+    ``schedule``: :data:`~vllm_twotower.params.DIFFUSION_STEP`, ``AR_STEP``, ``DRAFT_STEP``
+    per step): required for ``auto``, whose steps the engine chooses by load, and accepted
+    for ``speculative`` (whose AR steps skip the draft); other modes take their one step.
+    """
     defaults = model.config.diffusion
     default_params = TwoTowerParams(
         block_size=defaults.block_size,
@@ -143,19 +161,32 @@ def generate(
     )
     params_list = _as_list(params if params is not None else default_params, len(prompts))
     sampling_list = _as_list(sampling, len(prompts))
-    runners = {
-        AR: _generate_ar,
-        MOCK_AR: _generate_mock_ar,
-        MASK_DIFFUSION: _generate_diffusion,
-        SPECULATIVE: _generate_speculative,
-    }
+    schedule_list = list(schedules) if schedules is not None else [None] * len(prompts)
     results = []
-    for prompt, p, s in zip(prompts, params_list, sampling_list, strict=True):
+    for prompt, p, s, schedule in zip(
+        prompts, params_list, sampling_list, schedule_list, strict=True
+    ):
         if not prompt:
             raise ValueError("prompt must contain at least one token")
         ids = torch.tensor(list(prompt), dtype=torch.long, device=model.device)
-        results.append(runners[p.mode](model, ids, p, s))
+        if p.mode == MOCK_AR:
+            results.append(_generate_mock_ar(model, ids, p, s))
+        else:
+            results.append(_generate_steps(model, ids, p, s, _steps_of(p.mode, schedule)))
     return results
+
+
+def _steps_of(mode: str, schedule: str | None) -> Iterator[str]:
+    """The steps a request of ``mode`` takes: ``schedule``'s, checked, or its mode's one."""
+    allowed = MODE_STEPS[mode]
+    if schedule is None:
+        if mode == AUTO:
+            raise ValueError("auto needs the schedule the engine chose (twotower_stats)")
+        return itertools.repeat(allowed[0])
+    unknown = set(schedule) - set(allowed)
+    if unknown:
+        raise ValueError(f"a {mode} schedule holds only {allowed}, got {sorted(unknown)}")
+    return iter(schedule)
 
 
 class _Stopper:
@@ -208,18 +239,33 @@ def _emit_next(
     return int(token)
 
 
-def _generate_ar(
-    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
+def _generate_steps(
+    model: TwoTowerModel,
+    prompt: torch.Tensor,
+    params: TwoTowerParams,
+    sampling: SamplingSpec,
+    steps: Iterator[str],
 ) -> GenerationResult:
-    """Plain decoding with the context tower and ``context_lm_head``."""
+    """Generate by the given steps, as the engine's block step runs them, one per engine step:
+    an AR token from the context tower's logits (``ar``), a block denoised after the context
+    (``mask_diffusion``), a speculative draft verified by the context tower.  Each step starts
+    where the committed text ends, and the context then consumes what it committed."""
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     logits, state = model.extend_context(prompt, model.empty_context())
-    while True:
-        eos = model.config.eos_token_id
-        token = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
+    eos = model.config.eos_token_id
+    for step in steps:
+        if step == AR_STEP:
+            committed = prompt.new_tensor(
+                [_emit_next(result, logits[-1], sampling, state.length, prompt, eos)]
+            )
+        elif step == DIFFUSION_STEP:
+            committed = _diffusion_step(model, state, params, sampling, prompt, result)
+        else:
+            committed = _speculative_step(model, logits, state, params, sampling, prompt, result)
         if stopper.finish(result):
             return result
-        logits, state = model.extend_context(prompt.new_tensor([token]), state)
+        logits, state = model.extend_context(committed, state)
+    raise ValueError("the schedule ended before the output did")
 
 
 def _generate_mock_ar(
@@ -355,74 +401,75 @@ def denoise_block(
     return block[0], [int(n[0]) for n in per_pass], logprobs[0].tolist()
 
 
-def _generate_diffusion(
-    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
-) -> GenerationResult:
-    """Block-wise mask diffusion: denoise a block, commit it to the context, repeat."""
-    result, stopper = GenerationResult([]), _Stopper(model, sampling)
-    _, context = model.extend_context(prompt, model.empty_context())
-    while True:
-        block, per_pass, logprobs = denoise_block(
-            model, context, params, sampling, prompt, result.output_ids
-        )
-        result.nfe += len(per_pass)
-        result.tokens_per_step.extend(per_pass)
-        result.output_ids.extend(block.tolist())
-        result.logprobs.extend(logprobs)
-        if stopper.finish(result):
-            return result
-        _, context = model.extend_context(block, context)
+def _diffusion_step(
+    model: TwoTowerModel,
+    context: ContextState,
+    params: TwoTowerParams,
+    sampling: SamplingSpec,
+    prompt: torch.Tensor,
+    result: GenerationResult,
+) -> torch.Tensor:
+    """Block-wise mask diffusion: denoise a block after ``context``; return it (to commit)."""
+    block, per_pass, logprobs = denoise_block(
+        model, context, params, sampling, prompt, result.output_ids
+    )
+    result.nfe += len(per_pass)
+    result.tokens_per_step.extend(per_pass)
+    result.output_ids.extend(block.tolist())
+    result.logprobs.extend(logprobs)
+    return block
 
 
-def _generate_speculative(
-    model: TwoTowerModel, prompt: torch.Tensor, params: TwoTowerParams, sampling: SamplingSpec
-) -> GenerationResult:
-    """Self-speculative decoding: ``ar``'s output, drafted by the denoiser a block at a time.
+def _speculative_step(
+    model: TwoTowerModel,
+    logits: torch.Tensor,
+    state: ContextState,
+    params: TwoTowerParams,
+    sampling: SamplingSpec,
+    prompt: torch.Tensor,
+    result: GenerationResult,
+) -> torch.Tensor:
+    """Self-speculative decoding's step: ``ar``'s tokens, drafted by the denoiser.
 
-    Each step mirrors one engine step: the AR token ``c`` after the context comes from the
-    context tower's logits (as in ``ar``); the denoiser fills a block whose first position is
+    It mirrors one engine step: the AR token ``c`` after the context comes from the context
+    tower's ``logits`` (as in ``ar``); the denoiser fills a block whose first position is
     ``c`` (:meth:`TwoTowerParams.draft`); the context tower runs over the draft and
     :func:`~vllm_twotower.commit.accept_draft` keeps the guesses equal to the AR tokens plus
-    the AR token at the first mismatch; the context then consumes ``c`` and those tokens.
+    the AR token at the first mismatch.  Returns ``c`` and those tokens, which the context
+    then consumes.
     """
-    result, stopper = GenerationResult([]), _Stopper(model, sampling)
-    draft_params = params.draft()
-    logits, state = model.extend_context(prompt, model.empty_context())
-    while True:
-        # The engine drafts in the step that chooses c, before the scheduler sees c: so does
-        # the reference (the denoiser counters stay equal), and cuts after the verification.
-        eos = model.config.eos_token_id
-        first = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
-        draft, per_pass, _ = denoise_block(
-            model, state, draft_params, sampling, prompt, result.output_ids, first=first
-        )
-        # ar may choose the mask id itself, which the commit rule reads as undecided and
-        # fills: the draft keeps c whatever the denoiser put there.
-        draft[0] = first
-        result.nfe += len(per_pass)
-        verify, _ = model.extend_context(draft, state)
-        ar, accepted = accept_draft(
-            draft[None],
-            verify[None],
-            length=torch.tensor([params.block_size], device=model.device),
-            temperature=torch.tensor([sampling.temperature], device=model.device),
-            seed=torch.tensor([fold_seed(sampling.seed)], device=model.device),
-            block_start=torch.tensor([state.length], device=model.device),
-            filters=sampling.filters(rows=1).to(model.device),
-        )
-        k = int(accepted[0])
-        emitted = ar[0, : k + 1]
-        result.accepted.append(k)
-        result.tokens_per_step[-1] += k + 1  # c and what the verification let through
-        result.output_ids.extend(emitted.tolist())
-        logprobs = reported_logprobs(
-            verify[: k + 1],
-            mask_id=None,
-            logprobs_mode=sampling.logprobs_mode,
-            temperature=torch.full((k + 1,), sampling.temperature, device=model.device),
-            filters=sampling.filters(rows=k + 1).to(model.device),
-        )
-        result.logprobs.extend(logprobs.gather(-1, emitted[:, None])[:, 0].tolist())
-        if stopper.finish(result):
-            return result
-        logits, state = model.extend_context(torch.cat([draft[:1], emitted]), state)
+    # The engine drafts in the step that chooses c, before the scheduler sees c: so does
+    # the reference (the denoiser counters stay equal), and cuts after the verification.
+    eos = model.config.eos_token_id
+    first = _emit_next(result, logits[-1], sampling, state.length, prompt, eos)
+    draft, per_pass, _ = denoise_block(
+        model, state, params.draft(), sampling, prompt, result.output_ids, first=first
+    )
+    # ar may choose the mask id itself, which the commit rule reads as undecided and
+    # fills: the draft keeps c whatever the denoiser put there.
+    draft[0] = first
+    result.nfe += len(per_pass)
+    verify, _ = model.extend_context(draft, state)
+    ar, accepted = accept_draft(
+        draft[None],
+        verify[None],
+        length=torch.tensor([params.block_size], device=model.device),
+        temperature=torch.tensor([sampling.temperature], device=model.device),
+        seed=torch.tensor([fold_seed(sampling.seed)], device=model.device),
+        block_start=torch.tensor([state.length], device=model.device),
+        filters=sampling.filters(rows=1).to(model.device),
+    )
+    k = int(accepted[0])
+    emitted = ar[0, : k + 1]
+    result.accepted.append(k)
+    result.tokens_per_step[-1] += k + 1  # c and what the verification let through
+    result.output_ids.extend(emitted.tolist())
+    logprobs = reported_logprobs(
+        verify[: k + 1],
+        mask_id=None,
+        logprobs_mode=sampling.logprobs_mode,
+        temperature=torch.full((k + 1,), sampling.temperature, device=model.device),
+        filters=sampling.filters(rows=k + 1).to(model.device),
+    )
+    result.logprobs.extend(logprobs.gather(-1, emitted[:, None])[:, 0].tolist())
+    return torch.cat([draft[:1], emitted])
