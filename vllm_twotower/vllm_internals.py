@@ -263,6 +263,7 @@ OVERRIDDEN_RUNNER_METHODS = (
     "_update_states",  # drops vLLM's per-request generators after its bookkeeping
     "_model_forward",  # mock-AR keeps the Mamba states before the context pass
     "_on_request_state_removed",  # frees the request's slot in the TwoTower table
+    "execute_model",  # times each step for load-aware decoding (engine/step_planner.py)
 )
 DEPENDENCIES.update(
     f"vllm.v1.worker.{module}:{cls}.{method}"
@@ -648,6 +649,31 @@ def attention_mixer_view(mixer: torch.nn.Module) -> AttentionMixerView:
         head_dim=mixer.head_dim,
         scaling=mixer.scaling,
     )
+
+
+# --- load-aware decoding (issue #24) -------------------------------------------------------
+
+
+@depends_on("vllm.v1.core.sched.output:SchedulerOutput.total_num_scheduled_tokens")
+def total_scheduled_tokens(scheduler_output: Any) -> int:
+    """Tokens the context tower runs this step (``SchedulerOutput.total_num_scheduled_tokens``)."""
+    return int(scheduler_output.total_num_scheduled_tokens)
+
+
+@depends_on(
+    "vllm.distributed.parallel_state:get_tp_group",
+    "vllm.distributed.parallel_state:GroupCoordinator.broadcast_object",
+)
+def broadcast_from_first_tp_rank(obj: Any) -> Any:
+    """The tensor-parallel group's first rank's ``obj``, on every rank (itself with TP = 1).
+
+    ``GroupCoordinator.broadcast_object`` (``vllm/distributed/parallel_state.py``) pickles it
+    over the group's CPU group, so it works whatever the device.
+    """
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    return obj if group.world_size == 1 else group.broadcast_object(obj, src=0)
 
 
 # --- output logprobs ----------------------------------------------------------------------

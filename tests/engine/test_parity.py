@@ -15,6 +15,7 @@ import torch
 
 from tests.engine.conftest import ENGINE_KWARGS
 from vllm_twotower.data.tokenizer import build_tokenizer
+from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.params import TwoTowerParams
 from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.reference.generate import SamplingSpec, generate
@@ -98,6 +99,10 @@ CASES = [
     # bad words (one-token modes): a one-id word and a two-id one, each in the free output
     Case(13, {"mode": "ar"}, 16, 0.0, 0, 2, (("bad_words", ((16,), (8, 53))),)),
     Case(15, {"mode": "mock_ar"}, 12, 1.0, 29, 1, (("bad_words", ((48,), (65, 71))),)),
+    # auto (issue #24): blocks or AR tokens as the engine's load model chooses, replayed
+    Case(18, {"mode": "auto"}, max_tokens=40, logprobs=1),
+    Case(26, {"mode": "auto", "block_size": 8}, 30, 0.9, 35, None, (("top_k", 6),)),
+    Case(4, {"mode": "auto"}, 20, 0.0, 0, None, (("presence_penalty", 0.8),)),
 ]
 
 
@@ -110,7 +115,15 @@ def reference_outputs(model: TwoTowerModel, prompts, cases) -> list[list[int]]:
     return [r.output_ids for r in reference_results(model, prompts, cases)]
 
 
-def reference_results(model: TwoTowerModel, prompts, cases, logprobs_mode: str = "raw_logprobs"):
+def reference_results(
+    model: TwoTowerModel,
+    prompts,
+    cases,
+    logprobs_mode: str = "raw_logprobs",
+    schedules: list[str | None] | None = None,
+):
+    """The reference's results for ``cases``; ``schedules`` (:func:`engine_schedules`) replays
+    the steps the engine chose for auto and speculative requests."""
     defaults = model.config.diffusion
     params, sampling = [], []
     for case in cases:
@@ -135,7 +148,32 @@ def reference_results(model: TwoTowerModel, prompts, cases, logprobs_mode: str =
                 **dict(case.knobs),
             )
         )
-    return generate(model, prompts, params, sampling)
+    return generate(model, prompts, params, sampling, schedules)
+
+
+def engine_schedules(llm, outs) -> list[str | None]:
+    """What each engine step did for each request (``twotower_stats``' schedule: auto and
+    speculative requests; ``None`` for the others, which take their mode's one step)."""
+    schedules = []
+    for out in outs:
+        kwargs = {"request_id": out.request_id}
+        (entry,) = llm.collective_rpc("twotower_stats", kwargs=kwargs)[0]["requests"].values()
+        schedules.append(entry.get("schedule"))
+    return schedules
+
+
+def check_engine_stats(llm, cases, outs) -> None:
+    """Each request's counters agree with what it emitted (``engine/stats_rules.py``)."""
+    for case, out in zip(cases, outs, strict=True):
+        kwargs = {"request_id": out.request_id}
+        (entry,) = llm.collective_rpc("twotower_stats", kwargs=kwargs)[0]["requests"].values()
+        problems = stats_mismatches(
+            entry,
+            tokens=len(out.outputs[0].token_ids),
+            block_size=case.extra_args.get("block_size", 16),
+            steps_per_block=case.extra_args.get("steps_per_block", 16),
+        )
+        assert not problems, (case, problems)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +212,8 @@ def engine_generate(llm, prompts, cases, n: int = 1):
 def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
     prompts = [prompt_ids(c.prompt_len, i) for i, c in enumerate(CASES)]
     model = TwoTowerModel.from_pretrained(tiny_checkpoint)
-    expected = reference_results(model, prompts, CASES)
     outs = engine_generate(llm, prompts, CASES)
+    expected = reference_results(model, prompts, CASES, schedules=engine_schedules(llm, outs))
     for case, exp, out in zip(CASES, expected, outs, strict=True):
         got = list(out.outputs[0].token_ids)
         assert got == exp.output_ids, f"{case}: engine {got} != reference {exp.output_ids}"
@@ -195,7 +233,8 @@ def test_knobs_change_what_the_reference_draws(tiny_checkpoint: Path) -> None:
     """The cases above with filters, penalties or bias are not vacuous: without them the
     reference draws other tokens (so an engine that ignored them would fail the parity test)."""
     model = TwoTowerModel.from_pretrained(tiny_checkpoint)
-    filtered = [c for c in CASES if c.knobs]
+    # auto's steps are diffusion blocks and AR tokens, whose knobs the other cases check.
+    filtered = [c for c in CASES if c.knobs and c.extra_args.get("mode") != "auto"]
     prompts = [prompt_ids(c.prompt_len, CASES.index(c)) for c in filtered]
     unfiltered = [Case(**{**vars(c), "knobs": ()}) for c in filtered]
     with_filters = reference_outputs(model, prompts, filtered)

@@ -13,12 +13,13 @@ import pytest
 from tests.engine.conftest import ENGINE_KWARGS
 from tests.engine.test_parity import (
     Case,
+    check_engine_stats,
     engine_generate,
     engine_outputs,
+    engine_schedules,
     prompt_ids,
-    reference_outputs,
+    reference_results,
 )
-from vllm_twotower.engine.stats_rules import stats_mismatches
 from vllm_twotower.reference import TwoTowerModel
 
 NUM_BLOCKS = 8  # about 750 tokens: two or three of the requests below at a time
@@ -43,24 +44,18 @@ def test_preemption_keeps_outputs_exact_and_stats_consistent(llm, tiny_checkpoin
     cases = [Case(100 + 7 * i, {"mode": m}, max_tokens=100) for i, m in enumerate(modes)]
     # Small custom block sizes, whose counters the issue #17 soak saw disagree with the output.
     cases += [Case(60 + b, {"block_size": b, "steps_per_block": 3}, max_tokens=21) for b in (3, 5)]
+    # auto (issue #24): its schedule survives preemption and recomputation (replayed below).
+    cases += [Case(90 + 9 * i, {"mode": "auto"}, max_tokens=80) for i in range(2)]
     prompts = [prompt_ids(c.prompt_len, 300 + i) for i, c in enumerate(cases)]
-    expected = reference_outputs(TwoTowerModel.from_pretrained(tiny_checkpoint), prompts, cases)
     outs = engine_generate(llm, prompts, cases)
+    model = TwoTowerModel.from_pretrained(tiny_checkpoint)
+    expected = reference_results(model, prompts, cases, schedules=engine_schedules(llm, outs))
     for case, exp, out in zip(cases, expected, outs, strict=True):
-        assert list(out.outputs[0].token_ids) == exp, case
+        assert list(out.outputs[0].token_ids) == exp.output_ids, case
     names = sorted({m.name for m in llm.get_metrics()})
     assert metric(llm, "vllm:num_preemptions") > 0, f"no preemption happened ({names})"
     # Preempted and recomputed requests still count each pass and block once.
-    for case, out in zip(cases, outs, strict=True):
-        kwargs = {"request_id": out.request_id}
-        (entry,) = llm.collective_rpc("twotower_stats", kwargs=kwargs)[0]["requests"].values()
-        problems = stats_mismatches(
-            entry,
-            tokens=len(out.outputs[0].token_ids),
-            block_size=case.extra_args.get("block_size", 16),
-            steps_per_block=case.extra_args.get("steps_per_block", 16),
-        )
-        assert not problems, (case, problems)
+    check_engine_stats(llm, cases, outs)
 
 
 def test_abort_mid_block_frees_its_cache(llm) -> None:

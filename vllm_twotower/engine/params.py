@@ -21,11 +21,18 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_twotower.config import DiffusionDefaults
+from vllm_twotower.engine.load_policy import StepCostModel
 from vllm_twotower.engine.sampling_fields import check_sampling_params
-from vllm_twotower.params import MODES, TwoTowerParams, resolve_params
+from vllm_twotower.params import AUTO, MODES, TwoTowerParams, resolve_params
 
 #: ``--hf-overrides`` keys that change server defaults (besides the DiffusionDefaults fields).
 DEFAULT_MODE_KEY = "default_mode"
+#: ``false`` turns load-aware decoding off (issue #24): speculative always drafts, auto is
+#: refused; for people who benchmark the fixed modes.
+LOAD_AWARE_KEY = "load_aware"
+#: Fixed step-cost coefficients (engine/load_policy.TERMS, seconds) instead of learned ones:
+#: load-aware decisions then depend on the requests only (tests, reproducible benchmarks).
+COST_MODEL_KEY = "auto_cost_model"
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class ServerDefaults:
     #: Why ``max_block_size`` is the bound (config_hook.block_size_reason), told to a request
     #: that asks for more.
     block_size_reason: str = ""
+    #: Load-aware decoding (engine/load_policy.py) on, and its fixed cost model, if any.
+    load_aware: bool = True
+    cost_model: tuple[float, ...] | None = None
 
     @classmethod
     def from_hf_config(
@@ -60,6 +70,14 @@ class ServerDefaults:
         mode = getattr(hf_config, DEFAULT_MODE_KEY, None)
         if mode is not None:
             defaults = replace(defaults, mode=mode)
+        load_aware = getattr(hf_config, LOAD_AWARE_KEY, True)
+        if not isinstance(load_aware, bool):
+            raise ValueError(f"{LOAD_AWARE_KEY} must be true or false, got {load_aware!r}")
+        cost_model = getattr(hf_config, COST_MODEL_KEY, None)
+        if cost_model is not None:
+            cost_model = tuple(float(c) for c in cost_model)
+            StepCostModel(cost_model)  # raises ValueError saying what is wrong
+        defaults = replace(defaults, load_aware=load_aware, cost_model=cost_model)
         # The defaults must themselves be a valid request.
         defaults.resolve(None)
         return defaults
@@ -77,7 +95,13 @@ class ServerDefaults:
                 f"block_size must be at most {self.max_block_size}, got {size}: "
                 + (self.block_size_reason or "the model's largest block")
             )
-        return resolve_params(args, self.diffusion, self.max_block_size)
+        params = resolve_params(args, self.diffusion, self.max_block_size)
+        if params.mode == AUTO and not self.load_aware:
+            raise ValueError(
+                f'mode "auto" needs load-aware decoding, which this server turned off '
+                f'(--hf-overrides {{"{LOAD_AWARE_KEY}": false}}); choose another mode'
+            )
+        return params
 
 
 # The API-server process learns its model's defaults from the config hook (which runs where the

@@ -19,12 +19,23 @@ from vllm.sampling_params import SamplingParams
 from vllm_twotower.commit import SamplingFilters, fold_seed
 from vllm_twotower.engine.params import ServerDefaults
 from vllm_twotower.logit_adjust import LogitAdjuster, adjustments_active, pad_bad_words
-from vllm_twotower.params import MASK_DIFFUSION, MODES, SPECULATIVE
+from vllm_twotower.params import (
+    AR_STEP,
+    AUTO,
+    DIFFUSION_STEP,
+    DRAFT_STEP,
+    MASK_DIFFUSION,
+    MODES,
+    SPECULATIVE,
+)
 
 MODE_ID = {name: i for i, name in enumerate(MODES)}
 
 #: vLLM's id prefix for sample ``k`` of an ``n > 1`` request (``ParentRequest.get_child_info``).
 _CHILD_PREFIX = re.compile(r"\d+_")
+
+#: The schedule's step kinds, by code (RequestTable.schedule).
+_STEP_CODES = (DIFFUSION_STEP, AR_STEP, DRAFT_STEP)
 
 # SamplingParams treats temperatures below this as greedy.
 _GREEDY_EPS = 1e-5
@@ -41,6 +52,12 @@ class RequestStats:
     #: speculative: drafted tokens the context tower accepted (``blocks`` counts the drafts,
     #: one per verification step; ``nfe`` the denoiser passes that drafted them)
     accepted_tokens: int = 0
+    #: auto and speculative: engine steps that emitted one AR token (``blocks`` counts the
+    #: others: diffusion blocks, drafts), chosen by the load (engine/load_policy.py)
+    ar_steps: int = 0
+    #: auto and speculative: what each engine step did (params.DIFFUSION_STEP, AR_STEP,
+    #: DRAFT_STEP), which the reference replays
+    schedule: str = ""
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -63,6 +80,8 @@ class RequestStats:
             **asdict(self),
             "tokens_per_nfe": self.tokens_per_nfe,
         }
+        if self.mode not in (SPECULATIVE, AUTO):
+            del entry["ar_steps"], entry["schedule"]
         if self.mode != SPECULATIVE:
             del entry["accepted_tokens"]
             return entry
@@ -91,6 +110,7 @@ def _accumulate(into: RequestStats, stats: RequestStats) -> None:
     into.blocks += stats.blocks
     into.denoised_tokens += stats.denoised_tokens
     into.accepted_tokens += stats.accepted_tokens
+    into.ar_steps += stats.ar_steps
 
 
 class RequestTable:
@@ -158,6 +178,13 @@ class RequestTable:
         self.blocks = extend(None if first else self.blocks, long)
         self.decided = extend(None if first else self.decided, long)
         self.accepted = extend(None if first else self.accepted, long)
+        self.ar_steps = extend(None if first else self.ar_steps, long)
+        #: max_tokens (its remaining budget bounds what a block can commit: load_policy)
+        self.max_tokens = extend(None if first else self.max_tokens, long)
+        #: auto and speculative: each slot's steps so far (codes of _STEP_CODES), and how many
+        width = 0 if first else self.schedule.shape[1]
+        self.schedule = self._resized(None if first else self.schedule, capacity, width, -1)
+        self.schedule_len = extend(None if first else self.schedule_len, long)
         self._free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity = capacity
 
@@ -240,6 +267,8 @@ class RequestTable:
             self.bad_words = self._resized_words(self.bad_words, self.capacity, count, length)
         self.bad_words[slot] = pad_bad_words(words, count, length)
         self.nfe[slot] = self.blocks[slot] = self.decided[slot] = self.accepted[slot] = 0
+        self.ar_steps[slot] = self.schedule_len[slot] = 0
+        self.max_tokens[slot] = sp.max_tokens if sp.max_tokens is not None else 1 << 62
         return slot
 
     def filters(self, slots: torch.Tensor) -> SamplingFilters:
@@ -283,13 +312,28 @@ class RequestTable:
             bad_words=self.bad_words[slots],
         )
 
+    def record_steps(self, slots: torch.Tensor, steps: list[str]) -> None:
+        """Append what this engine step did for ``slots`` to their schedules."""
+        if not slots.numel():
+            return
+        needed = int(self.schedule_len[slots].max()) + 1
+        if needed > self.schedule.shape[1]:
+            width = max(needed, 2 * self.schedule.shape[1], 64)
+            self.schedule = self._resized(self.schedule, self.capacity, width, -1)
+        codes = torch.tensor([_STEP_CODES.index(s) for s in steps], dtype=torch.int64)
+        self.schedule[slots, self.schedule_len[slots]] = codes
+        self.schedule_len[slots] += 1
+
     def _stats_of(self, slot: int) -> RequestStats:
+        codes = self.schedule[slot, : int(self.schedule_len[slot])].tolist()
         return RequestStats(
             MODES[int(self.mode[slot])],
             int(self.nfe[slot]),
             int(self.blocks[slot]),
             int(self.decided[slot]),
             int(self.accepted[slot]),
+            int(self.ar_steps[slot]),
+            "".join(_STEP_CODES[c] for c in codes),
         )
 
     def remove(self, req_id: str) -> None:
@@ -327,7 +371,10 @@ class RequestTable:
         total = RequestStats("all", 0, 0, 0)
         for s in by_mode.values():
             _accumulate(total, s)
-        diffusion, speculative = by_mode[MASK_DIFFUSION], by_mode[SPECULATIVE]
+        diffusion, speculative, auto = by_mode[MASK_DIFFUSION], by_mode[SPECULATIVE], by_mode[AUTO]
+        modes = {m: s.as_dict() for m, s in by_mode.items()}
+        for entry in modes.values():
+            entry.pop("schedule", None)  # a request's, not a total's
         requests: dict[str, dict[str, float | int | str]] = {}
         if include_requests:
             requests = {
@@ -345,6 +392,11 @@ class RequestTable:
                 "accepted_tokens": total.accepted_tokens,
                 "accepted_per_verification": speculative.accepted_per_verification,
                 "accepted_per_nfe": speculative.accepted_per_nfe,
-                "modes": {m: s.as_dict() for m, s in by_mode.items()},
+                # The steps load-aware decoding chose (engine/load_policy.py).
+                "auto_diffusion_steps": auto.blocks,
+                "auto_ar_steps": auto.ar_steps,
+                "speculative_drafts": speculative.blocks,
+                "speculative_ar_steps": speculative.ar_steps,
+                "modes": modes,
             },
         }

@@ -39,13 +39,15 @@ from vllm_twotower.engine.config_hook import server_defaults
 from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.logprobs import StepLogprobs
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
+from vllm_twotower.engine.step_planner import StepPlanner
+from vllm_twotower.params import AR_STEP, DIFFUSION_STEP, DRAFT_STEP
 from vllm_twotower.vllm_internals import without_mamba_prefill_checkpoints
 
 # Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
 logger = init_logger(f"vllm.{__name__}")
 
 AR, MASK_DIFFUSION, MOCK_AR = MODE_ID["ar"], MODE_ID["mask_diffusion"], MODE_ID["mock_ar"]
-SPECULATIVE = MODE_ID["speculative"]
+SPECULATIVE, AUTO = MODE_ID["speculative"], MODE_ID["auto"]
 PLACEHOLDER = -1
 
 
@@ -58,6 +60,7 @@ class TwoTowerRunnerMixin:
         self.tt_requests = RequestTable(
             defaults, capacity=self.max_num_reqs, seed=self.model_config.seed
         )
+        self.tt_planner = StepPlanner(defaults)
         self.tt_mask_id = defaults.diffusion.mask_token_id
         self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self._tt_reader: ContextReader | None = None
@@ -70,6 +73,10 @@ class TwoTowerRunnerMixin:
         if self._tt_reader is None:
             self._tt_reader = ContextReader(self)
         return self._tt_reader
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        self.tt_planner.start_step(vi.total_scheduled_tokens(scheduler_output))
+        return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _update_states(self, scheduler_output: Any) -> Any:
         result = super()._update_states(scheduler_output)
@@ -124,8 +131,19 @@ class TwoTowerRunnerMixin:
         live = vi.rows_with_all_tokens_computed(self)
         seq_lens = vi.sequence_lengths(self)
         mode = table.mode[slots]
-        diffusing = live & (mode == MASK_DIFFUSION)
-        speculating = live & (mode == SPECULATIVE)
+        # Load-aware decoding: which auto rows denoise a block, which speculative rows draft.
+        multi = self.tt_planner.plan(
+            table,
+            slots,
+            live,
+            output_len=seq_lens - vi.prompt_token_counts(self),
+            scheduled=seq_lens - vi.computed_token_counts(self),
+        )
+        adaptive = live & ((mode == AUTO) | (mode == SPECULATIVE))
+        diffusing = live & ((mode == MASK_DIFFUSION) | ((mode == AUTO) & multi))
+        speculating = live & (mode == SPECULATIVE) & multi
+        one_ar_token = (live & (mode == AR)) | (adaptive & ~multi)
+        self._tt_record_schedule(slots, mode, adaptive, multi)
         # A block per diffusion row; c, up to block_size - 1 guesses and one AR token per
         # speculative row.
         width = int(
@@ -145,7 +163,7 @@ class TwoTowerRunnerMixin:
                 num_reqs, width, num_logprobs, self.tt_logprobs_mode, named
             )
 
-        ar_rows = torch.nonzero(live & (mode == AR)).flatten()
+        ar_rows = torch.nonzero(one_ar_token).flatten()
         if ar_rows.numel():
             out[ar_rows, 0] = self._sample_ar(
                 ar_rows, logits[ar_rows], slots[ar_rows], seq_lens[ar_rows]
@@ -171,7 +189,22 @@ class TwoTowerRunnerMixin:
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
         logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
+        self.tt_planner.end_step()
         return vi.sampler_output(out, logprobs)
+
+    def _tt_record_schedule(
+        self, slots: torch.Tensor, mode: torch.Tensor, adaptive: torch.Tensor, multi: torch.Tensor
+    ) -> None:
+        """Keep what this step does for each auto and speculative row (its schedule, which
+        the reference replays, and its AR-step count)."""
+        table = self.tt_requests
+        rows = torch.nonzero(adaptive).flatten()
+        steps = [
+            AR_STEP if not multi[r] else DIFFUSION_STEP if mode[r] == AUTO else DRAFT_STEP
+            for r in rows.tolist()
+        ]
+        table.record_steps(slots[rows], steps)
+        table.ar_steps[slots[adaptive & ~multi]] += 1
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Before the context pass, keep the Mamba states of mock-AR rows (``_sample_mock_ar``)."""
@@ -232,6 +265,7 @@ class TwoTowerRunnerMixin:
         }
         last = torch.from_numpy(token_ids[rows.numpy(), (seq - 1).numpy()].astype("int64"))
         logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
+        self.tt_planner.count(passes=1, positions=rows.numel())
         table = self.tt_requests
         table.nfe[slots] += 1
         table.decided[slots] += 1  # each pass decides the row's one token
@@ -378,6 +412,7 @@ class TwoTowerRunnerMixin:
             # Rows leave as their blocks complete; until one does, no context copy is needed.
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
             logits = model.denoise(sub, rows_context, t, row["block_size"])
+            self.tt_planner.count(passes=1, positions=sub.numel())
             adjusted = self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()])
             result = commit_step(
                 adjusted,
@@ -435,6 +470,7 @@ class TwoTowerRunnerMixin:
         ids = torch.where(draft == PLACEHOLDER, self.tt_pad_id, draft).long().to(device)
         context = self.tt_reader.read(rows, block_start)
         logits = self.get_model().score_draft(ids, context, block_size)
+        self.tt_planner.count(context=ids.numel())
         ar, accepted = accept_draft(
             ids,
             logits,

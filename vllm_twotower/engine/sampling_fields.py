@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES
+from vllm_twotower.params import AR, AUTO, MASK_DIFFUSION, MOCK_AR, MODES
 
 HONOURED, REFUSED, INTERNAL = "honoured", "refused", "internal"
 
@@ -63,7 +63,7 @@ class Field:
 _ADJUST = "logit_adjust.LogitAdjuster, on the logits the commit rule chooses from"
 #: The modes that apply the LogitAdjuster: a speculative step verifies a whole draft at once,
 #: where each position would need its own history (penalties, min_tokens); not built yet.
-_ADJUSTED_MODES = (MASK_DIFFUSION, MOCK_AR, AR)
+_ADJUSTED_MODES = (MASK_DIFFUSION, MOCK_AR, AR, AUTO)
 _NOT_SPECULATIVE = (
     "a speculative verification scores a whole draft in one pass, whose positions would each "
     'need their own history; use "mode": "ar", whose output speculative reproduces'

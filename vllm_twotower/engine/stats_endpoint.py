@@ -67,6 +67,14 @@ COUNTERS = (
      "EOS or max_tokens), mock_ar's one per pass, speculative's drafts."),
     ("vllm:twotower_speculative_accepted_tokens", "accepted_tokens",
      "Drafted tokens the context tower accepted in speculative requests."),
+    ("vllm:twotower_auto_diffusion_steps", "auto_diffusion_steps",
+     "Engine steps in which an auto request denoised a block (load-aware decoding)."),
+    ("vllm:twotower_auto_ar_steps", "auto_ar_steps",
+     "Engine steps in which an auto request emitted one AR token (load-aware decoding)."),
+    ("vllm:twotower_speculative_drafts", "speculative_drafts",
+     "Engine steps in which a speculative request drafted and verified a block."),
+    ("vllm:twotower_speculative_ar_steps", "speculative_ar_steps",
+     "Engine steps in which a speculative request skipped the draft under load (AR token)."),
 )  # fmt: skip
 #: The same ratios over the server's lifetime; for a window, divide the counters' rates.
 GAUGES = (
@@ -78,6 +86,14 @@ GAUGES = (
      "speculative: drafted tokens accepted per verification step since the server started."),
     ("vllm:twotower_accepted_tokens_per_denoiser_pass", "accepted_per_nfe",
      "speculative: drafted tokens accepted per drafting denoiser pass since the server started."),
+    ("vllm:twotower_step_cost_overhead_seconds", "step_cost_overhead_s",
+     "Load-aware decoding's cost model: fixed seconds per engine step."),
+    ("vllm:twotower_step_cost_context_position_seconds", "step_cost_context_position_s",
+     "Load-aware decoding's cost model: seconds per context-tower position."),
+    ("vllm:twotower_step_cost_denoiser_pass_seconds", "step_cost_denoiser_pass_s",
+     "Load-aware decoding's cost model: seconds per denoiser pass."),
+    ("vllm:twotower_step_cost_denoiser_position_seconds", "step_cost_denoiser_position_s",
+     "Load-aware decoding's cost model: seconds per denoiser position."),
 )  # fmt: skip
 
 

@@ -11,10 +11,16 @@ or a soak can check every request it sent against the tokens it got back:
   per block (each pass decides at least one position);
 * ``speculative``: every draft fully decided (``c`` given unless it is the mask id),
   between one pass and ``min(steps_per_block, block_size)`` passes per draft, at most
-  ``block_size - 1`` guesses accepted per draft; each step drafts once and emits ``c``, its
-  ``k`` accepted guesses and the AR token after them, so ``tokens <= 2 * blocks + accepted``,
-  and, since only the last step may be cut (EOS, ``max_tokens``) and keeps at least one
-  token, ``tokens >= 2 * blocks + accepted - block_size``.
+  ``block_size - 1`` guesses accepted per draft; a drafting step emits ``c``, its ``k``
+  accepted guesses and the AR token after them, a step that skipped the draft under load
+  ``c`` alone, so ``tokens <= 2 * blocks + accepted + ar_steps``, and, since only the last
+  step may be cut (EOS, ``max_tokens``) and keeps at least one token, ``tokens >= 2 * blocks
+  + accepted + ar_steps - block_size``;
+* ``auto``: as ``mask_diffusion`` for its blocks, plus one token per AR step:
+  ``blocks * block_size + ar_steps`` tokens at most, and at least that less what a cut last
+  step dropped (``block_size - 1`` after a block, nothing after an AR token);
+* ``auto`` and ``speculative``: the schedule has one entry per step, as many blocks (drafts)
+  and AR steps as the counters.
 
 A request the frontend cut (a stop string, a client gone) may have run a step or two more than
 it returned, so for it only lower bounds hold (``cut_early``).
@@ -59,6 +65,23 @@ def stats_mismatches(
             blocks <= nfe <= blocks * min(steps_per_block, block_size),
             "passes should be between 1 and min(steps_per_block, block_size) per block",
         )
+    elif mode == "auto":
+        ar_steps, schedule = entry["ar_steps"], entry["schedule"]
+        assert isinstance(ar_steps, int) and isinstance(schedule, str)
+        require(decided == blocks * block_size, "every block is fully decided")
+        require(
+            blocks <= nfe <= blocks * min(steps_per_block, block_size),
+            "passes should be between 1 and min(steps_per_block, block_size) per block",
+        )
+        require(
+            schedule.count("d") == blocks and schedule.count("a") == ar_steps,
+            f"the schedule {schedule!r} should count the blocks and AR steps",
+        )
+        emitted = blocks * block_size + ar_steps
+        require(tokens <= emitted, "more tokens than the steps emitted")
+        if not cut_early:
+            dropped = block_size - 1 if schedule.endswith("d") else 0
+            require(tokens >= emitted - dropped, "the steps emitted more than the last cut")
     elif mode == "speculative":
         accepted = entry["accepted_tokens"]
         assert isinstance(accepted, int)
@@ -74,7 +97,14 @@ def stats_mismatches(
             "min(steps_per_block, block_size) per draft",
         )
         require(accepted <= blocks * (block_size - 1), "at most block_size - 1 guesses per draft")
-        emitted = 2 * blocks + accepted  # c, the accepted guesses and one AR token per step
+        ar_steps, schedule = entry["ar_steps"], entry["schedule"]
+        assert isinstance(ar_steps, int) and isinstance(schedule, str)
+        require(
+            schedule.count("s") == blocks and schedule.count("a") == ar_steps,
+            f"the schedule {schedule!r} should count the drafts and AR steps",
+        )
+        # c, the accepted guesses and one AR token per drafting step; c per AR step.
+        emitted = 2 * blocks + accepted + ar_steps
         require(tokens <= emitted, "more tokens than the steps emitted")
         if not cut_early:
             require(tokens >= emitted - block_size, "the steps emitted more than the last cut")

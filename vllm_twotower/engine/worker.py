@@ -18,6 +18,7 @@ import torch
 
 from vllm_twotower import vllm_internals as vi
 from vllm_twotower.engine.config_hook import V1_ONLY
+from vllm_twotower.engine.step_planner import engine_stats
 
 V2_REFUSED = (
     f"{V1_ONLY}, but this worker was configured for Model Runner V2; unset "
@@ -42,7 +43,8 @@ class TwoTowerWorkerMixin:
         through :mod:`vllm_twotower.engine.stats_endpoint`.  The arguments filter the
         per-request part (:meth:`~vllm_twotower.engine.requests.RequestTable.stats`).
         """
-        return self.model_runner.tt_requests.stats(request_id, include_requests)
+        runner = self.model_runner
+        return engine_stats(runner.tt_requests, runner.tt_planner, request_id, include_requests)
 
 
 class TwoTowerCPUWorker(TwoTowerWorkerMixin, vi.cpu_worker_class()):

@@ -1,0 +1,148 @@
+"""The runner's side of load-aware decoding (issue #24, :mod:`.load_policy` has the policy).
+
+Each step the runner asks :meth:`StepPlanner.plan` which ``auto`` rows denoise a block and which
+``speculative`` rows draft (the others emit one AR token), reports the work it then does
+(:meth:`StepPlanner.count`), and :meth:`StepPlanner.end_step` times the step and teaches the
+cost model.  Every input of the plan is a slot tensor of the request table (a request's
+running passes per block, accepted guesses per draft, remaining ``max_tokens``), so requests
+carry no Python state.  Under tensor parallelism every rank samples its own tokens, so all
+ranks must take the same steps: the first rank's plan is broadcast (its timings are the ones
+learned from).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vllm_twotower import vllm_internals as vi
+from vllm_twotower.engine.load_policy import (
+    Candidate,
+    StepCostModel,
+    StepWork,
+    choose_multi_token,
+)
+from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.engine.requests import MODE_ID, RequestTable
+
+AR, MASK_DIFFUSION, MOCK_AR = MODE_ID["ar"], MODE_ID["mask_diffusion"], MODE_ID["mock_ar"]
+SPECULATIVE, AUTO = MODE_ID["speculative"], MODE_ID["auto"]
+#: Before any block of the batch has run: passes per block.  Optimistic on purpose, as is the
+#: prior of accepted guesses per draft (half the draft): a request tries its multi-token step
+#: once, and its own running averages decide after that.
+PRIOR_PASSES = 2.0
+
+
+def _per_row_mean(
+    total: torch.Tensor, count: torch.Tensor, among: torch.Tensor, prior: torch.Tensor | float
+) -> torch.Tensor:
+    """Each row's ``total / count``; rows with no count yet take the mean over ``among`` rows
+    that have one, else ``prior``."""
+    seen = among & (count > 0)
+    mean = total.double() / count.clamp(min=1).double()
+    if bool(seen.any()):
+        prior = float(total[seen].sum() / count[seen].sum())
+    return torch.where(count > 0, mean, torch.as_tensor(prior, dtype=torch.float64))
+
+
+class StepPlanner:
+    """Plans, counts and times the engine steps of one model runner."""
+
+    def __init__(self, defaults: ServerDefaults) -> None:
+        self.enabled = defaults.load_aware
+        self.model = StepCostModel(defaults.cost_model)
+        self._started: float | None = None
+        self._work = [0.0, 0.0, 0.0]  # context positions, denoiser passes, denoiser positions
+
+    def start_step(self, scheduled_tokens: int) -> None:
+        self._started = time.perf_counter()
+        self._work = [float(scheduled_tokens), 0.0, 0.0]
+
+    def count(self, *, context: int = 0, passes: int = 0, positions: int = 0) -> None:
+        """Work of this step beyond its scheduled tokens: verification positions, denoiser
+        passes and the positions they compute."""
+        self._work[0] += context
+        self._work[1] += passes
+        self._work[2] += positions
+
+    def end_step(self) -> None:
+        if self._started is not None:
+            self.model.observe(StepWork(*self._work), time.perf_counter() - self._started)
+        self._started = None
+
+    def plan(
+        self,
+        table: RequestTable,
+        slots: torch.Tensor,
+        live: torch.Tensor,
+        output_len: torch.Tensor,
+        scheduled: torch.Tensor,
+    ) -> torch.Tensor:
+        """Bool ``[num_reqs]``: the rows that take their multi-token step (a block for ``auto``,
+        a draft for ``speculative``); only live ``auto`` / ``speculative`` rows are ever true.
+
+        ``output_len`` and ``scheduled`` are each row's output length and this step's scheduled
+        tokens."""
+        mode = table.mode[slots]
+        auto, speculative = live & (mode == AUTO), live & (mode == SPECULATIVE)
+        if not self.enabled:  # fixed schedule: speculative always drafts (auto is refused)
+            return speculative
+        rows = torch.nonzero(auto | speculative).flatten()
+        if not rows.numel():
+            return torch.zeros_like(live)
+        block = table.block_size[slots].double()
+        left = (table.max_tokens[slots] - output_len).double()
+        blocks, nfe = table.blocks[slots], table.nfe[slots]
+        diffusing = (mode == MASK_DIFFUSION) | (mode == AUTO)
+        passes = _per_row_mean(nfe, blocks, diffusing, PRIOR_PASSES)
+        draft_passes = _per_row_mean(nfe, blocks, mode == SPECULATIVE, 1.0)
+        accepted = _per_row_mean(
+            table.accepted[slots], blocks, mode == SPECULATIVE, (block - 1) / 2
+        )
+        # A block commits up to its size, a draft c, its accepted guesses and one AR token.
+        block_tokens = torch.minimum(block, left)
+        draft_tokens = torch.minimum(accepted + 2, left)
+        one_token = live & ((mode == AR) | (mode == MOCK_AR))
+        blocks_now = live & (mode == MASK_DIFFUSION)
+        fixed = StepWork(
+            float(one_token.sum() + block_tokens[blocks_now].sum() + scheduled[~live].sum()),
+            float(passes[blocks_now].max()) if bool(blocks_now.any()) else 0.0,
+            float((passes * block)[blocks_now].sum() + (live & (mode == MOCK_AR)).sum()),
+        )
+        fixed_tokens = float(one_token.sum() + block_tokens[blocks_now].sum())
+        candidates = [
+            Candidate(
+                float(block_tokens[r]), float(passes[r]), int(block[r]), float(block_tokens[r])
+            )
+            if bool(auto[r])
+            else Candidate(
+                float(draft_tokens[r]),
+                float(draft_passes[r]),
+                int(block[r]),
+                float(block[r] + draft_tokens[r]),  # the verification, then the emitted tokens
+            )
+            for r in rows.tolist()
+        ]
+        chosen = choose_multi_token(self.model, candidates, fixed_tokens, fixed)
+        chosen = vi.broadcast_from_first_tp_rank(chosen)
+        multi = torch.zeros_like(live)
+        multi[rows] = torch.tensor(chosen, dtype=torch.bool)
+        return multi
+
+
+def engine_stats(
+    table: RequestTable,
+    planner: StepPlanner,
+    request_id: str | None = None,
+    include_requests: bool = True,
+) -> dict[str, object]:
+    """The worker's ``twotower_stats``: the request table's counters
+    (:meth:`RequestTable.stats`) and the cost model's current estimates, in seconds, as
+    ``step_cost_<term>`` aggregate keys (what ``/metrics`` exports)."""
+    stats = table.stats(request_id, include_requests)
+    aggregate = stats["aggregate"]
+    assert isinstance(aggregate, dict)
+    for term, seconds in planner.model.estimates().items():
+        aggregate[f"step_cost_{term}"] = seconds
+    return stats
