@@ -13,12 +13,12 @@ output is ``ar``'s either way), whichever maximises the batch's committed tokens
 ``a + b_c·C + e·P + b_d·D``: a fixed cost ``a``, ``b_c`` per context-tower position ``C`` (the
 scheduled tokens, and a speculative verification's draft), ``e`` per denoiser pass ``P`` (the
 loop's rounds: launches and Python) and ``b_d`` per denoiser position ``D``.  It is learned
-from the live step timings (recursive least squares with forgetting, so it follows a machine
-whose load changes), starting from a prior; the covariance is bounded so that directions the
-recent steps do not excite (no diffusion at all under heavy load) do not wind up and let one
-noisy step swing the estimate.  ``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes
-the coefficients instead: decisions then depend on the requests only (tests, reproducible
-benchmarks), never on timing.
+from the live step timings (exponentially weighted least squares, so it follows a machine whose
+load changes) with a ridge towards a prior, so that directions the recent steps do not excite
+(no diffusion at all under heavy load) fall back to the prior instead of winding up and
+letting one noisy step swing the estimate.
+``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes the coefficients instead:
+decisions then depend on the requests only (tests, reproducible benchmarks), never on timing.
 
 **Decision** (:func:`choose_multi_token`).  The step's throughput with the set ``S`` of requests
 that take their multi-token step is ``N(S) / T(S)``: tokens committed over modelled time, the
@@ -41,8 +41,13 @@ import torch
 TERMS = ("overhead_s", "context_position_s", "denoiser_pass_s", "denoiser_position_s")
 #: Where the learning starts (seconds): a small CPU model's magnitudes; a few steps move it.
 PRIOR = (5e-3, 2e-4, 2e-3, 2e-4)
-#: Forgetting factor of the recursive least squares: ~100 steps of memory.
+#: Forgetting factor of the weighted least squares: ~100 steps of memory.
 FORGETTING = 0.99
+#: Typical magnitudes of the terms' inputs (1, positions, passes, positions): the fit runs in
+#: features scaled by these, so that the ridge below weighs every term alike.
+SCALE = (1.0, 100.0, 1.0, 100.0)
+#: How many steps' worth the prior weighs in the fit.
+RIDGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,23 +74,28 @@ class StepCostModel:
         self.theta = torch.tensor(PRIOR if fixed is None else fixed, dtype=torch.float64)
         if self.theta.shape != (len(TERMS),) or bool((self.theta < 0).any()):
             raise ValueError(f"auto_cost_model must be {len(TERMS)} non-negative seconds {TERMS}")
-        # Prior covariance: each coefficient known to within ~10x its prior magnitude.
-        self._prior_cov = torch.diag((10 * torch.tensor(PRIOR, dtype=torch.float64)) ** 2)
-        self._cov = self._prior_cov.clone()
+        self._scale = torch.tensor(SCALE, dtype=torch.float64)
+        self._xx = torch.zeros(len(TERMS), len(TERMS), dtype=torch.float64)
+        self._xy = torch.zeros(len(TERMS), dtype=torch.float64)
         self.observed = 0
 
     def observe(self, work: StepWork, seconds: float) -> None:
-        """One recursive-least-squares update with forgetting; no-op for fixed coefficients."""
+        """Exponentially weighted least squares with a ridge towards the prior; no-op for
+        fixed coefficients.
+
+        In features scaled to ~1 (:data:`SCALE`), the prior weighs as much as one step
+        (:data:`RIDGE`): it decides only where the recent steps say nothing, so a direction
+        they stop exciting (no denoiser work on a busy all-AR server) drifts back to the prior
+        instead of winding up, and one odd step cannot swing it far."""
         if not self.learning:
             return
-        x = work.features()
-        gain = self._cov @ x / (FORGETTING + x @ self._cov @ x)
-        self.theta = self.theta + gain * (seconds - x @ self.theta)
-        self._cov = (self._cov - torch.outer(gain, x @ self._cov)) / FORGETTING
-        # Bounded covariance (anti-windup): unexcited directions stop growing at the prior.
-        excess = float(torch.trace(self._cov) / torch.trace(self._prior_cov))
-        if excess > 1.0:
-            self._cov /= excess
+        x = work.features() / self._scale
+        self._xx = FORGETTING * self._xx + torch.outer(x, x)
+        self._xy = FORGETTING * self._xy + x * seconds
+        ridge = RIDGE * torch.eye(len(TERMS), dtype=torch.float64)
+        prior = torch.tensor(PRIOR, dtype=torch.float64) * self._scale
+        scaled = torch.linalg.solve(self._xx + ridge, self._xy + RIDGE * prior)
+        self.theta = scaled / self._scale
         self.observed += 1
 
     def seconds(self, work: StepWork) -> float:

@@ -189,7 +189,7 @@ class TwoTowerRunnerMixin:
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
         logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
-        self.tt_planner.end_step()
+        self.tt_planner.end_step(vi.batch_request_ids(self))
         return vi.sampler_output(out, logprobs)
 
     def _tt_record_schedule(

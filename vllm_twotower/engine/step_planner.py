@@ -2,12 +2,12 @@
 
 Each step the runner asks :meth:`StepPlanner.plan` which ``auto`` rows denoise a block and which
 ``speculative`` rows draft (the others emit one AR token), reports the work it then does
-(:meth:`StepPlanner.count`), and :meth:`StepPlanner.end_step` times the step and teaches the
-cost model.  Every input of the plan is a slot tensor of the request table (a request's
-running passes per block, accepted guesses per draft, remaining ``max_tokens``), so requests
-carry no Python state.  Under tensor parallelism every rank samples its own tokens, so all
-ranks must take the same steps: the first rank's plan is broadcast (its timings are the ones
-learned from).
+(:meth:`StepPlanner.count`), and the next step's start times it (the whole engine step, the
+scheduler's share included) to teach the cost model.  Every input of the plan is a slot
+tensor of the request table (a request's running passes per block, accepted guesses per
+draft, remaining ``max_tokens``), so requests carry no Python state.  Under tensor
+parallelism every rank samples its own tokens, so all ranks must take the same steps: the
+first rank's plan is broadcast (its timings are the ones learned from).
 """
 
 from __future__ import annotations
@@ -52,11 +52,17 @@ class StepPlanner:
     def __init__(self, defaults: ServerDefaults) -> None:
         self.enabled = defaults.load_aware
         self.model = StepCostModel(defaults.cost_model)
-        self._started: float | None = None
+        self._started = 0.0
         self._work = [0.0, 0.0, 0.0]  # context positions, denoiser passes, denoiser positions
+        #: the previous step: its requests, start and work, until the next step times it
+        self._previous: tuple[set[str], float, StepWork] | None = None
+        self._period: float | None = None
 
     def start_step(self, scheduled_tokens: int) -> None:
-        self._started = time.perf_counter()
+        """A step starts (``execute_model``): it ends the previous step's period."""
+        now = time.perf_counter()
+        self._period = now - self._previous[1] if self._previous is not None else None
+        self._started = now
         self._work = [float(scheduled_tokens), 0.0, 0.0]
 
     def count(self, *, context: int = 0, passes: int = 0, positions: int = 0) -> None:
@@ -66,10 +72,19 @@ class StepPlanner:
         self._work[1] += passes
         self._work[2] += positions
 
-    def end_step(self) -> None:
-        if self._started is not None:
-            self.model.observe(StepWork(*self._work), time.perf_counter() - self._started)
-        self._started = None
+    def end_step(self, request_ids: list[str]) -> None:
+        """The step's tokens are chosen; learn from the previous step's period.
+
+        A step costs more than the worker's part of it: the scheduler, the output processing
+        and the transfers between processes run between two ``execute_model`` calls, per step
+        whatever its size, which is what favours multi-token steps at low load.  So a step's
+        time is the period from its start to the next step's start, observed only when the two
+        steps share a request (the engine was busy in between, not waiting for one).
+        """
+        ids = set(request_ids)
+        if self._previous is not None and self._period is not None and ids & self._previous[0]:
+            self.model.observe(self._previous[2], self._period)
+        self._previous = (ids, self._started, StepWork(*self._work))
 
     def plan(
         self,
