@@ -97,4 +97,13 @@ def test_the_greedy_choice_is_the_best_subset(seed: int) -> None:
 
     best = max(throughput(s) for s in itertools.product([False, True], repeat=6))
     greedy = throughput(choose_multi_token(model, candidates, 0.0, fixed))
-    assert greedy >= 0.97 * best
+    assert greedy >= 0.99 * best
+
+
+def test_a_shared_pass_cost_is_paid_when_many_rows_share_it() -> None:
+    """Beside thirty AR rows, one block does not pay its passes; thirty-one blocks together do
+    (what a first greedy version missed: the ratio is not unimodal along the candidates)."""
+    model = StepCostModel((0.01, 0.0001, 0.005, 0.0001))
+    block = Candidate(tokens=16, passes=2, width=16, context=16)
+    assert choose_multi_token(model, [block], 30, StepWork(30, 0, 0)) == [False]
+    assert choose_multi_token(model, [block] * 31, 0, StepWork(0, 0, 0)) == [True] * 31

@@ -10,24 +10,27 @@ block or an AR token) and each ``speculative`` one (a draft, or just the AR toke
 output is ``ar``'s either way), whichever maximises the batch's committed tokens per second.
 
 **Cost model** (:class:`StepCostModel`).  The time of an engine step is modelled as
-``a + b_c·C + e·P + b_d·D``: a fixed cost ``a``, ``b_c`` per context-tower position ``C`` (the
-scheduled tokens, and a speculative verification's draft), ``e`` per denoiser pass ``P`` (the
-loop's rounds: launches and Python) and ``b_d`` per denoiser position ``D``.  It is learned
-from the live step timings (exponentially weighted least squares, so it follows a machine whose
-load changes) with a ridge towards a prior, so that directions the recent steps do not excite
-(no diffusion at all under heavy load) fall back to the prior instead of winding up and
-letting one noisy step swing the estimate.
-``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes the coefficients instead:
-decisions then depend on the requests only (tests, reproducible benchmarks), never on timing.
+``a + b_c·C + e·P + b_d·D``: a fixed cost ``a`` (the worker's, plus the moving average of the
+gap between two steps of a busy engine: the scheduler, output processing, transfers), ``b_c``
+per context-tower position ``C`` (the scheduled tokens, and a speculative verification's
+draft), ``e`` per denoiser pass ``P`` (the loop's rounds: launches and Python) and ``b_d`` per
+denoiser position ``D``.  The worker's part is learned from the live step timings
+(exponentially weighted least squares, so it follows a machine whose load changes) with a
+ridge towards a prior, so that directions the recent steps do not excite (no diffusion at all
+under heavy load) fall back to the prior instead of winding up and letting one noisy step
+swing the estimate.  ``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes the
+coefficients instead: decisions then depend on the requests only (tests, reproducible
+benchmarks), never on timing.
 
 **Decision** (:func:`choose_multi_token`).  The step's throughput with the set ``S`` of requests
 that take their multi-token step is ``N(S) / T(S)``: tokens committed over modelled time, the
-other requests' (fixed) share included.  For a ratio of sums, the best ``S`` is a prefix of the
-candidates ordered by their marginal tokens per marginal second (Dinkelbach's argument; the
-per-pass term makes a row's marginal cost depend on the passes already paid, which the greedy
-pass accounts for as it goes), so the candidates are taken in that order while each one raises
-the ratio.  A request's ``k`` and ``p`` are its own running averages (its blocks or drafts so
-far), else the engine's over the same kind of step, else a prior.
+other requests' (fixed) share included.  For a ratio of sums with per-row costs, the best ``S``
+is a prefix of the candidates ordered by extra tokens per extra second (Dinkelbach's
+argument); the per-pass cost is shared by all the rows that denoise, so the ratio is not
+unimodal along that order (one block alone may not pay its passes where thirty do), and every
+prefix is evaluated (``O(n)`` with running sums), the best taken.  A request's ``k`` and
+``p`` are its own running averages (its blocks or drafts so far), else the batch's over the
+same kind of step, else a prior.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class StepCostModel:
         self._scale = torch.tensor(SCALE, dtype=torch.float64)
         self._xx = torch.zeros(len(TERMS), len(TERMS), dtype=torch.float64)
         self._xy = torch.zeros(len(TERMS), dtype=torch.float64)
+        #: seconds between two steps of a busy engine, outside the worker (moving average)
+        self.gap = 0.0
         self.observed = 0
 
     def observe(self, work: StepWork, seconds: float) -> None:
@@ -98,14 +103,26 @@ class StepCostModel:
         self.theta = scaled / self._scale
         self.observed += 1
 
+    def observe_gap(self, seconds: float) -> None:
+        """The time between two steps of a busy engine, outside the worker (the scheduler,
+        output processing, transfers): part of every step's fixed cost, whatever its work."""
+        if self.learning:
+            self.gap = FORGETTING * self.gap + (1 - FORGETTING) * seconds
+
+    def coefficients(self) -> torch.Tensor:
+        """The coefficients decisions use: the fit's, at least zero (a noisy fit can go
+        negative, which would make some work look free), the gap added to the fixed cost."""
+        theta = self.theta.clamp(min=0.0)
+        theta[0] += self.gap
+        return theta
+
     def seconds(self, work: StepWork) -> float:
-        """Modelled seconds of ``work``, with every coefficient at least zero (a noisy fit can
-        go negative; a negative cost would make some work look free)."""
-        return float(work.features() @ self.theta.clamp(min=0.0))
+        """Modelled seconds of a whole engine step doing ``work``."""
+        return float(work.features() @ self.coefficients())
 
     def estimates(self) -> dict[str, float]:
         """The current coefficients by name (seconds), for the stats endpoint and /metrics."""
-        return dict(zip(TERMS, self.theta.clamp(min=0.0).tolist(), strict=True))
+        return dict(zip(TERMS, self.coefficients().tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -115,15 +132,30 @@ class Candidate:
 
     tokens: float  # tokens the multi-token step is expected to commit (bounded by what is left)
     passes: float  # denoiser passes it is expected to run
-    width: int  # positions of its block or draft (per denoiser pass)
+    width: float  # positions of its block or draft (per denoiser pass)
     #: context-tower positions it costs: the committed tokens, which the next step consumes,
     #: and a speculative verification's draft (an AR token costs one)
     context: float
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Several :class:`Candidate` as float64 ``[n]`` tensors (one step's, built per slot)."""
+
+    tokens: torch.Tensor
+    passes: torch.Tensor
+    width: torch.Tensor
+    context: torch.Tensor
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> Candidates:
+        columns = zip(*((c.tokens, c.passes, c.width, c.context) for c in candidates), strict=True)
+        return cls(*(torch.tensor(list(col), dtype=torch.float64) for col in columns))
+
+
 def choose_multi_token(
     model: StepCostModel,
-    candidates: Sequence[Candidate],
+    candidates: Candidates | Sequence[Candidate],
     fixed_tokens: float,
     fixed: StepWork,
 ) -> list[bool]:
@@ -131,40 +163,28 @@ def choose_multi_token(
 
     ``fixed_tokens`` and ``fixed`` are what the rest of the step commits and computes (rows of
     fixed modes, prefill chunks).  Each token committed costs its context position when the
-    next step consumes it, counted here as part of the step that commits it.
+    next step consumes it, counted here as part of the step that commits it.  The denoiser's
+    per-pass cost is shared by every row that denoises, so one block alone may not pay where
+    many do: every prefix of the candidates, in order of extra tokens per extra second of
+    their own positions, is evaluated (vectorised), and the best taken.
     """
-    chosen = [False] * len(candidates)
-    if not candidates:
-        return chosen
-    tokens = fixed_tokens + len(candidates)  # everyone takes the AR step ...
-    context = fixed.context_positions + len(candidates)
-    passes, positions = fixed.denoiser_passes, fixed.denoiser_positions
-
-    def ratio(tokens: float, context: float, passes: float, positions: float) -> float:
-        seconds = model.seconds(StepWork(context, passes, positions))
-        return tokens / seconds if seconds > 0 else float("inf")
-
-    def marginal(c: Candidate) -> float:
-        """Extra tokens per extra modelled second, the step's passes as they stand now."""
-        extra = StepWork(c.context - 1, max(0.0, c.passes - passes), c.passes * c.width)
-        seconds = model.seconds(extra) - model.theta[0].clamp(min=0.0).item()  # no overhead
-        return (c.tokens - 1) / seconds if seconds > 0 else float("inf")
-
-    best = ratio(tokens, context, passes, positions)
-    remaining = list(range(len(candidates)))
-    while remaining:  # ... and each in turn switches while it raises the step's throughput
-        i = max(remaining, key=lambda j: marginal(candidates[j]))
-        c = candidates[i]
-        trial = (
-            tokens + c.tokens - 1,
-            context + c.context - 1,
-            max(passes, c.passes),
-            positions + c.passes * c.width,
-        )
-        if ratio(*trial) <= best:
-            break
-        chosen[i] = True
-        best = ratio(*trial)
-        tokens, context, passes, positions = trial
-        remaining.remove(i)
-    return chosen
+    if not isinstance(candidates, Candidates):
+        if not candidates:
+            return []
+        candidates = Candidates.of(candidates)
+    c, theta = candidates, model.coefficients()
+    own = theta[1] * (c.context - 1) + theta[3] * c.passes * c.width
+    efficiency = torch.where(own > 0, (c.tokens - 1) / own, torch.inf)
+    order = torch.argsort(efficiency, descending=True, stable=True)
+    n = len(order)
+    # Prefix k (k = 0..n) switches the k most efficient candidates from one AR token each.
+    zero = torch.zeros(1, dtype=torch.float64)
+    tokens = fixed_tokens + n + torch.cat([zero, (c.tokens - 1)[order].cumsum(0)])
+    context = fixed.context_positions + n + torch.cat([zero, (c.context - 1)[order].cumsum(0)])
+    passes = torch.cat([zero, c.passes[order].cummax(0).values]).clamp(min=fixed.denoiser_passes)
+    positions = fixed.denoiser_positions + torch.cat([zero, (c.passes * c.width)[order].cumsum(0)])
+    seconds = theta[0] + theta[1] * context + theta[2] * passes + theta[3] * positions
+    best = int(torch.argmax(tokens / seconds.clamp(min=1e-12)))  # the first of equals
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[order[:best]] = True
+    return chosen.tolist()

@@ -2,8 +2,8 @@
 
 Each step the runner asks :meth:`StepPlanner.plan` which ``auto`` rows denoise a block and which
 ``speculative`` rows draft (the others emit one AR token), reports the work it then does
-(:meth:`StepPlanner.count`), and the next step's start times it (the whole engine step, the
-scheduler's share included) to teach the cost model.  Every input of the plan is a slot
+(:meth:`StepPlanner.count`), and :meth:`StepPlanner.end_step` times it, and the gap since the
+previous step (the scheduler's share), to teach the cost model.  Every input of the plan is a slot
 tensor of the request table (a request's running passes per block, accepted guesses per
 draft, remaining ``max_tokens``), so requests carry no Python state.  Under tensor
 parallelism every rank samples its own tokens, so all ranks must take the same steps: the
@@ -18,7 +18,7 @@ import torch
 
 from vllm_twotower import vllm_internals as vi
 from vllm_twotower.engine.load_policy import (
-    Candidate,
+    Candidates,
     StepCostModel,
     StepWork,
     choose_multi_token,
@@ -54,14 +54,14 @@ class StepPlanner:
         self.model = StepCostModel(defaults.cost_model)
         self._started = 0.0
         self._work = [0.0, 0.0, 0.0]  # context positions, denoiser passes, denoiser positions
-        #: the previous step: its requests, start and work, until the next step times it
-        self._previous: tuple[set[str], float, StepWork] | None = None
-        self._period: float | None = None
+        #: the previous step's requests and when its worker part ended
+        self._previous: tuple[set[str], float] | None = None
+        self._gap: float | None = None
 
     def start_step(self, scheduled_tokens: int) -> None:
-        """A step starts (``execute_model``): it ends the previous step's period."""
+        """A step starts (``execute_model``)."""
         now = time.perf_counter()
-        self._period = now - self._previous[1] if self._previous is not None else None
+        self._gap = now - self._previous[1] if self._previous is not None else None
         self._started = now
         self._work = [float(scheduled_tokens), 0.0, 0.0]
 
@@ -73,18 +73,21 @@ class StepPlanner:
         self._work[2] += positions
 
     def end_step(self, request_ids: list[str]) -> None:
-        """The step's tokens are chosen; learn from the previous step's period.
+        """The step's tokens are chosen: learn from its worker time and the gap before it.
 
         A step costs more than the worker's part of it: the scheduler, the output processing
         and the transfers between processes run between two ``execute_model`` calls, per step
-        whatever its size, which is what favours multi-token steps at low load.  So a step's
-        time is the period from its start to the next step's start, observed only when the two
-        steps share a request (the engine was busy in between, not waiting for one).
+        whatever its size, which is what favours multi-token steps at low load.  The worker
+        part is timed every step (so every kind of work is observed, a batch's last block
+        included); the gap before it only when this step shares a request with the previous
+        one (the engine was busy in between, not waiting for a request).
         """
         ids = set(request_ids)
-        if self._previous is not None and self._period is not None and ids & self._previous[0]:
-            self.model.observe(self._previous[2], self._period)
-        self._previous = (ids, self._started, StepWork(*self._work))
+        if self._previous is not None and self._gap is not None and ids & self._previous[0]:
+            self.model.observe_gap(self._gap)
+        now = time.perf_counter()
+        self.model.observe(StepWork(*self._work), now - self._started)
+        self._previous = (ids, now)
 
     def plan(
         self,
@@ -126,19 +129,15 @@ class StepPlanner:
             float((passes * block)[blocks_now].sum() + (live & (mode == MOCK_AR)).sum()),
         )
         fixed_tokens = float(one_token.sum() + block_tokens[blocks_now].sum())
-        candidates = [
-            Candidate(
-                float(block_tokens[r]), float(passes[r]), int(block[r]), float(block_tokens[r])
-            )
-            if bool(auto[r])
-            else Candidate(
-                float(draft_tokens[r]),
-                float(draft_passes[r]),
-                int(block[r]),
-                float(block[r] + draft_tokens[r]),  # the verification, then the emitted tokens
-            )
-            for r in rows.tolist()
-        ]
+        # auto rows denoise a block; speculative ones draft, and the context tower verifies
+        # the draft before consuming what it emits.
+        is_auto = auto[rows]
+        candidates = Candidates(
+            tokens=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
+            passes=torch.where(is_auto, passes[rows], draft_passes[rows]),
+            width=block[rows],
+            context=torch.where(is_auto, block_tokens[rows], block[rows] + draft_tokens[rows]),
+        )
         chosen = choose_multi_token(self.model, candidates, fixed_tokens, fixed)
         chosen = vi.broadcast_from_first_tp_rank(chosen)
         multi = torch.zeros_like(live)
