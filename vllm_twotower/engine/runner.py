@@ -470,7 +470,7 @@ class TwoTowerRunnerMixin:
         ids = torch.where(draft == PLACEHOLDER, self.tt_pad_id, draft).long().to(device)
         context = self.tt_reader.read(rows, block_start)
         logits = self.get_model().score_draft(ids, context, block_size)
-        self.tt_planner.count(context=ids.numel())
+        self.tt_planner.count(context=ids.numel(), passes=1)  # a pass, if of the other tower
         ar, accepted = accept_draft(
             ids,
             logits,

@@ -134,7 +134,7 @@ class StepPlanner:
         is_auto = auto[rows]
         candidates = Candidates(
             tokens=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
-            passes=torch.where(is_auto, passes[rows], draft_passes[rows]),
+            passes=torch.where(is_auto, passes[rows], draft_passes[rows] + 1),  # + verification
             width=block[rows],
             context=torch.where(is_auto, block_tokens[rows], block[rows] + draft_tokens[rows]),
         )
