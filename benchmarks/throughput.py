@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # batch 1, 8, 32; rewrites docs/performance.md
     python benchmarks/throughput.py --smoke         # a few prompts, batch 1 and 2; prints only (CI)
     python benchmarks/throughput.py --reference-only --device cuda   # the reference on a GPU
+    python benchmarks/throughput.py --workload long # long answers, their own checkpoint and table
 
 One ``LLM`` engine on the embedded checkpoint serves the same test-split prompts as
 ``mask_diffusion``, ``mock_ar``, ``ar`` and ``speculative`` requests (greedy, per-request
@@ -10,8 +11,10 @@ One ``LLM`` engine on the embedded checkpoint serves the same test-split prompts
 call per wave and mode, modes interleaved wave by wave, so that load from other processes hits
 every mode alike); the engine admits up to ``max(batch sizes)`` sequences, so a wave runs as one
 continuous batch that drains as its requests finish. Requests stop at EOS (the tasks' answers
-are 2 to 13 tokens plus EOS) or at ``--max-tokens``; the table gives the mean output length per
-mode so that a reader can see that the modes did the same work.  Reported per mode and batch size:
+are 2 to 13 tokens plus EOS; 48 to 200 with ``--workload long``, which also loads that set's
+checkpoint and writes its own section of ``docs/performance.md``) or at ``--max-tokens``; the
+table gives the mean output length per mode so that a reader can see that the modes did the
+same work.  Reported per mode and batch size:
 
 * output tokens/s, and its ratio to AR's in the same waves (the headline);
 * tokens per denoiser pass (NFE) and passes per block, from the plugin's stats RPC;
@@ -36,8 +39,14 @@ from typing import Any
 import torch
 from docsections import PERFORMANCE, machine_name, replace_section
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
-from vllm_twotower.data import generate_split, load_tokenizer
+from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS, WORKLOAD_CHECKPOINTS
+from vllm_twotower.data import (
+    SHORT_WORKLOAD,
+    WORKLOADS,
+    Workload,
+    generate_split,
+    load_tokenizer,
+)
 from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, SPECULATIVE, resolve_params
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
@@ -105,10 +114,18 @@ HEADER = [
 ]
 
 
-def test_prompts(count: int, checkpoint: Path) -> list[list[int]]:
-    """Token ids of ``count`` test-split prompts (all task families, seed 0)."""
+#: The marked section of ``docs/performance.md`` each workload writes (side by side, never over
+#: each other's).
+SECTIONS = {"short": "throughput", "long": "throughput-long"}
+
+
+def test_prompts(
+    count: int, checkpoint: Path, workload: Workload = SHORT_WORKLOAD
+) -> list[list[int]]:
+    """Token ids of ``count`` test-split prompts (all the workload's families, seed 0)."""
     tokenizer = load_tokenizer(checkpoint)
-    return [tokenizer.encode(e.prompt).ids for e in generate_split("test", count, seed=0)]
+    examples = generate_split("test", count, seed=0, families=workload.families)
+    return [tokenizer.encode(e.prompt).ids for e in examples]
 
 
 def measure_reference(
@@ -232,10 +249,15 @@ def summary(rows: list[Measurement]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="short")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the workload's embedded one"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--num-prompts", type=int, default=32, help="distinct prompts cycled")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="default: the workload's (32 / 208)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="reference's torch threads")
     parser.add_argument("--device", default="cpu", help="the reference's device")
     parser.add_argument("--reference-only", action="store_true", help="skip the vLLM engine")
@@ -244,10 +266,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    workload = WORKLOADS[args.workload]
+    args.checkpoint = args.checkpoint or WORKLOAD_CHECKPOINTS[workload.name]
+    args.max_tokens = args.max_tokens or workload.max_new_tokens
     if args.smoke:
         args.batch_sizes, args.num_prompts, args.max_tokens = [1, 2], 2, 8
 
-    prompts = test_prompts(args.num_prompts, args.checkpoint)
+    prompts = test_prompts(args.num_prompts, args.checkpoint, workload)
     rows = measure_reference(args.checkpoint, prompts, args.max_tokens, device)
     if not args.reference_only:
         rows = measure_engine(args.checkpoint, prompts, args.batch_sizes, args.max_tokens) + rows
@@ -258,13 +283,15 @@ def main() -> None:
             *summary(rows),
             "",
             f"Measured on: {machine_name(device)}, the reference with "
-            f"{torch.get_num_threads()} thread(s); `{args.num_prompts}` test prompts, greedy, "
+            f"{torch.get_num_threads()} thread(s); `{args.num_prompts}` test prompts"
+            + ("" if workload.name == "short" else f" of the {workload.name} workload")
+            + ", greedy, "
             f"`max_tokens` {args.max_tokens}, γ from the checkpoint's `generation_config.json`.",
         ]
     )
     print(text)
     if not (args.smoke or args.no_write or args.reference_only):
-        replace_section("throughput", text)
+        replace_section(SECTIONS[workload.name], text)
         print(f"wrote {PERFORMANCE}")
 
 

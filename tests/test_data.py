@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -111,6 +112,36 @@ def test_rep_payloads_repeat_few_letters_in_the_evaluated_form() -> None:
         payloads = re.findall(r"copy\(([A-Z]+)\)|=([A-Z]+);", example.prompt)
         letters = {c for groups in payloads for payload in groups for c in payload}
         assert 1 <= len(letters) <= 4, example
+
+
+#: The first test-split examples of seed 0 and a digest of 400 examples per split, as they were
+#: before the long families were added: the short set must not move by a byte.
+FIRST_TEST_EXAMPLES = [
+    ("count", "count(C,CEADADCAA)=", "2"),
+    ("sort", "sort(OCFBVROV)=", "BCFOORVV"),
+    ("reverse", "rev(AJHYSAJJDX)=", "XDJJASYHJA"),
+    ("add", "368+3=", "173"),
+    ("code", "def f(x,y):return x+y;f(11,75)=", "68"),
+    ("recall", "H=NVGY;C=ONVC;O=BN;Z=QL;get(O)=", "BN"),
+    ("copy", "copy(BMKELQFAVH)=", "BMKELQFAVH"),
+    ("sub", "769-126=", "346"),
+]
+SPLIT_DIGESTS = {
+    "train": "e057378ea244c9a77fe7cc4cf549dc425c76ca6839d736c3f543eb3e87a51c61",
+    "validation": "81521706c891c57313bbf049f12de62d91fde7a48a812a1370c94222e5a08e25",
+    "test": "758d4a8296a7f4c8fc1255ed8fa3662502ddcfba9b3c9b83f20dfe898e7c3141",
+    "training mix": "27acb0182f57e4fe08cbdb53b472c16725e608a7f6a833c99d015fdc5764691d",
+}
+
+
+def test_short_splits_are_unchanged(splits: dict[str, list[Example]]) -> None:
+    assert [tuple(e) for e in generate_split("test", 8, seed=0)] == FIRST_TEST_EXAMPLES
+    drawn = {**splits, "training mix": generate_split("train", N, seed=0, families=TRAINING_MIX)}
+    digests = {
+        name: hashlib.sha256(json.dumps([list(e) for e in examples]).encode()).hexdigest()
+        for name, examples in drawn.items()
+    }
+    assert digests == SPLIT_DIGESTS
 
 
 def test_unknown_split_rejected() -> None:

@@ -15,8 +15,16 @@ TINY_RANDOM = _HERE / "tiny-random"
 #: MDLM objective on top of it; its quality is in ``docs/quality.md``.
 TWOTOWER_TASKS = _HERE / "twotower-tasks"
 
+#: The small trained model of the long-answer families (``python -m vllm_twotower.train --workload
+#: long …``), the same architecture as ``twotower-tasks``: a second checkpoint because retraining
+#: one model on both sets does not fit the one-hour CPU budget (``docs/quality.md``).
+TWOTOWER_LONG = _HERE / "twotower-long"
+
 #: What the main job, the examples and the benchmarks load when no checkpoint is named.
 DEFAULT_CHECKPOINT = TWOTOWER_TASKS
+
+#: The checkpoint a benchmark loads for a workload (``--workload``) when none is named.
+WORKLOAD_CHECKPOINTS: dict[str, Path] = {"short": DEFAULT_CHECKPOINT, "long": TWOTOWER_LONG}
 
 #: ``LLM(...)`` arguments the main job, examples and benchmarks use for the embedded checkpoint.
 #: ``dtype``: the checkpoint is float32, which vLLM downcasts to bfloat16 by default; on CPUs

@@ -1,6 +1,8 @@
 """Synthetic, exactly checkable training data and a tiny tokenizer for small TwoTower models.
 
-* :mod:`~vllm_twotower.data.tasks` — task families, seeded disjoint splits, exact-match checks;
+* :mod:`~vllm_twotower.data.tasks` — task families, seeded disjoint splits, exact-match checks,
+  and the two workloads: short answers (2–13 tokens) and long ones
+  (:mod:`~vllm_twotower.data.long_tasks`, 48–200 tokens);
 * :mod:`~vllm_twotower.data.tokenizer` — a fixed character-level tokenizer in Hugging Face form
   (mask id 3, as the TwoTower engine expects);
 * ``python -m vllm_twotower.data --out DIR`` writes the splits as JSONL plus the tokenizer.
@@ -25,10 +27,14 @@ from vllm_twotower.data.tasks import (
     FAMILIES,
     FAMILY_NAMES,
     KEYWORDS,
+    LONG_WORKLOAD,
+    SHORT_WORKLOAD,
     SPLITS,
     TRAINING_MIX,
+    WORKLOADS,
     Example,
     Family,
+    Workload,
     accuracy_by_family,
     generate_split,
     is_correct,
@@ -56,16 +62,20 @@ __all__ = [
     "FAMILIES",
     "FAMILY_NAMES",
     "KEYWORDS",
+    "LONG_WORKLOAD",
     "MASK_ID",
     "MASK_TOKEN",
     "PAD_ID",
     "PAD_TOKEN",
+    "SHORT_WORKLOAD",
     "SPLITS",
     "TRAINING_MIX",
     "UNK_ID",
     "UNK_TOKEN",
+    "WORKLOADS",
     "Example",
     "Family",
+    "Workload",
     "accuracy_by_family",
     "build_tokenizer",
     "encode_example",

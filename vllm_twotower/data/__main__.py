@@ -16,13 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_twotower.data.tasks import (
-    FAMILY_BY_NAME,
-    FAMILY_NAMES,
-    TRAINING_MIX,
-    iter_split,
-    write_jsonl,
-)
+from vllm_twotower.data.tasks import FAMILY_BY_NAME, WORKLOADS, iter_split, write_jsonl
 from vllm_twotower.data.tokenizer import save_tokenizer, vocab_size
 
 
@@ -34,12 +28,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-val", type=int, default=2_000)
     parser.add_argument("--n-test", type=int, default=2_000)
     parser.add_argument(
+        "--workload",
+        choices=list(WORKLOADS),
+        default="short",
+        help="task set: short answers (2-13 tokens) or long ones (48-200 tokens)",
+    )
+    parser.add_argument(
         "--families",
         nargs="+",
         choices=list(FAMILY_BY_NAME),
         default=None,
         help="task families of every split (default: what training and evaluation use: "
-        "train.jsonl the training mix, the other splits the evaluated families)",
+        "train.jsonl the workload's training mix, the other splits its evaluated families)",
     )
     return parser.parse_args(argv)
 
@@ -49,8 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {"train": args.n_train, "validation": args.n_val, "test": args.n_test}
+    workload = WORKLOADS[args.workload]
     families = {
-        split: args.families or (TRAINING_MIX if split == "train" else FAMILY_NAMES)
+        split: args.families or (workload.training_mix if split == "train" else workload.families)
         for split in sizes
     }
     for split, n in sizes.items():

@@ -47,6 +47,11 @@ Payloads use only upper-case letters, digits and punctuation, while the fixed te
 ``)``, which payloads never do; the tokenizer turns each template word into one token, and this
 separation guarantees a template word can never match inside a payload.
 
+The long-answer families (48–200 tokens, :mod:`~vllm_twotower.data.long_tasks`) are drawn,
+split and scored by the same mechanism; a :class:`Workload` names which set a run trains,
+evaluates or benchmarks (:data:`WORKLOADS`: ``short``, these families, and ``long``).  Adding
+them changed no short example: the short draws never look at the long families.
+
 Splits are decided by a salted hash of the prompt text alone (independent of the seed), so no
 prompt can occur in two splits, whatever seeds the splits were generated with.
 """
@@ -57,15 +62,27 @@ import hashlib
 import json
 import random
 import re
-import string
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
+from vllm_twotower.data.family import (
+    LETTERS,
+    Example,
+    Family,
+    lsd_first,
+    parse_prompt,
+    payload_family,
+    random_letters,
+)
+from vllm_twotower.data.long_tasks import (
+    LONG_ANSWER_TOKENS,
+    LONG_FAMILIES,
+    LONG_FAMILY_NAMES,
+    LONG_TRAINING_ONLY_FAMILIES,
+)
 from vllm_twotower.data.specials import EOS_TOKEN, PAD_TOKEN
 
-LETTERS = string.ascii_uppercase
 #: Small alphabet for ``count`` so that counts spread over 0..12 instead of being mostly 0/1.
 COUNT_ALPHABET = "ABCDE"
 MAX_DIGITS = 3
@@ -85,35 +102,7 @@ _SPLIT_SALT = b"vllm-twotower-split-v1"
 _MAX_ATTEMPTS = 100_000
 
 
-class Example(NamedTuple):
-    """One task instance; the model is trained on ``prompt + answer`` followed by EOS."""
-
-    family: str
-    prompt: str
-    answer: str
-
-    @property
-    def text(self) -> str:
-        """The training text without special tokens."""
-        return self.prompt + self.answer
-
-
-@dataclass(frozen=True)
-class Family:
-    """A task family: how to draw a prompt, how to answer it, and its fixed template words."""
-
-    name: str
-    sample: Callable[[random.Random], str]
-    solve: Callable[[str], str]
-    keywords: tuple[str, ...] = ()
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _letters(rng: random.Random, length: tuple[int, int], alphabet: str = LETTERS) -> str:
-    """A random string whose length is uniform in the inclusive range ``length``."""
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(*length)))
 
 
 def _all_letters(rng: random.Random) -> str:
@@ -130,14 +119,6 @@ def _number(rng: random.Random, max_digits: int) -> int:
     """A number whose digit count is uniform in 1..max_digits (so short numbers are common)."""
     digits = rng.randint(1, max_digits)
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-
-def _parse(pattern: re.Pattern[str], prompt: str) -> tuple[str, ...]:
-    """The groups of a full match of ``pattern`` against ``prompt``; ValueError if none."""
-    match = pattern.fullmatch(prompt)
-    if match is None:
-        raise ValueError(f"prompt {prompt!r} does not match {pattern.pattern!r}")
-    return match.groups()
 
 
 def _eval_terms(expr: str, env: dict[str, int]) -> int:
@@ -164,14 +145,8 @@ def _sample_sub(rng: random.Random) -> str:
     return f"{a}-{b}="
 
 
-def lsd_first(value: int) -> str:
-    """``value`` with its digits least-significant first and its sign, if any, in front."""
-    sign = "-" if value < 0 else ""
-    return sign + str(abs(value))[::-1]
-
-
 def _solve_arith(prompt: str) -> str:
-    a, op, b = _parse(_ARITH, prompt)
+    a, op, b = parse_prompt(_ARITH, prompt)
     return lsd_first(int(a) + int(b) if op == "+" else int(a) - int(b))
 
 
@@ -186,15 +161,8 @@ def _sequence_family(
     alphabet: Callable[[random.Random], str] = _all_letters,
 ) -> Family:
     """A family ``keyword(SEQ)=`` → ``fn(SEQ)``: copy, reverse and sort differ only in ``fn``."""
-    pattern = re.compile(re.escape(keyword) + r"\(([A-Z]+)\)=")
-
-    def sample(rng: random.Random) -> str:
-        return f"{keyword}({_letters(rng, length, alphabet(rng))})="
-
-    def solve(prompt: str) -> str:
-        return fn(_parse(pattern, prompt)[0])
-
-    return Family(name, sample, solve, (f"{keyword}(", ")="))
+    keywords = (f"{keyword}(", ")=")
+    return payload_family(name, f"{keyword}({{}})=", length, fn, alphabet, keywords=keywords)
 
 
 # --------------------------------------------------------------------------- count
@@ -203,11 +171,11 @@ _COUNT = re.compile(r"count\(([A-Z]),([A-Z]+)\)=")
 
 
 def _sample_count(rng: random.Random) -> str:
-    return f"count({rng.choice(COUNT_ALPHABET)},{_letters(rng, COUNT_LEN, COUNT_ALPHABET)})="
+    return f"count({rng.choice(COUNT_ALPHABET)},{random_letters(rng, COUNT_LEN, COUNT_ALPHABET)})="
 
 
 def _solve_count(prompt: str) -> str:
-    target, text = _parse(_COUNT, prompt)
+    target, text = parse_prompt(_COUNT, prompt)
     return str(text.count(target))
 
 
@@ -222,14 +190,14 @@ def _recall_sampler(alphabet: Callable[[random.Random], str]) -> Callable[[rando
     def sample(rng: random.Random) -> str:
         keys = rng.sample(LETTERS, rng.randint(*RECALL_PAIRS))
         values = alphabet(rng)
-        passage = "".join(f"{key}={_letters(rng, RECALL_VALUE_LEN, values)};" for key in keys)
+        passage = "".join(f"{key}={random_letters(rng, RECALL_VALUE_LEN, values)};" for key in keys)
         return f"{passage}get({rng.choice(keys)})="
 
     return sample
 
 
 def _solve_recall(prompt: str) -> str:
-    passage, key = _parse(_RECALL, prompt)
+    passage, key = parse_prompt(_RECALL, prompt)
     values = dict(pair.split("=") for pair in passage.rstrip(";").split(";"))
     return values[key]
 
@@ -250,7 +218,7 @@ def _sample_code(rng: random.Random) -> str:
 
 
 def _solve_code(prompt: str) -> str:
-    expr, x, y = _parse(_CODE, prompt)
+    expr, x, y = parse_prompt(_CODE, prompt)
     return lsd_first(_eval_terms(expr, {"x": int(x), "y": int(y)}))
 
 
@@ -283,22 +251,64 @@ TRAINING_ONLY_FAMILIES: tuple[Family, ...] = (
     _sequence_family("copy-rep", "copy", SEQ_LEN, lambda s: s, _few_letters),
     Family("recall-rep", _recall_sampler(_few_letters), _solve_recall, ("get(", ")=")),
 )
-FAMILY_BY_NAME: dict[str, Family] = {f.name: f for f in (*FAMILIES, *TRAINING_ONLY_FAMILIES)}
+FAMILY_BY_NAME: dict[str, Family] = {
+    f.name: f
+    for f in (*FAMILIES, *TRAINING_ONLY_FAMILIES, *LONG_FAMILIES, *LONG_TRAINING_ONLY_FAMILIES)
+}
+
+
+def _training_mix(names: Sequence[str], suffix: str) -> tuple[str, ...]:
+    """Each family twice, or once and once as its training-only ``name + suffix`` variant."""
+    return tuple(
+        variant
+        for name in names
+        for variant in ((name, name + suffix) if name + suffix in FAMILY_BY_NAME else (name, name))
+    )
+
+
 #: What training draws from, each entry equally often: every evaluated family has the same
 #: share, and copy and recall give half of theirs to their ``-rep`` variants.
-TRAINING_MIX: tuple[str, ...] = tuple(
-    variant
-    for name in FAMILY_NAMES
-    for variant in ((name, f"{name}-rep") if f"{name}-rep" in FAMILY_BY_NAME else (name, name))
-)
+TRAINING_MIX: tuple[str, ...] = _training_mix(FAMILY_NAMES, "-rep")
 #: How many times stage 2 (the denoiser) draws each training example of these families; the
 #: others once.  Why: after stage 1, the denoiser keeps the AR accuracy of every family but
 #: copy and recall, whose first pass must look letters up by offset with nothing written yet
 #: (see :data:`TRAINING_ONLY_FAMILIES`); each of their examples is drawn twice as often, which
 #: raises the two families' share of stage 2 from a quarter to two fifths.
 DIFFUSION_REPEATS: dict[str, int] = {"copy": 2, "copy-rep": 2, "recall": 2, "recall-rep": 2}
+#: The long set's training draw: every long family gives half of its share to its ``-ramp``
+#: variant (see :data:`~vllm_twotower.data.long_tasks.LONG_TRAINING_ONLY_FAMILIES`).
+LONG_TRAINING_MIX: tuple[str, ...] = _training_mix(LONG_FAMILY_NAMES, "-ramp")
 #: Template words of all families, first occurrence order (stable token ids).
 KEYWORDS: tuple[str, ...] = tuple(dict.fromkeys(k for f in FAMILIES for k in f.keywords))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A task set that is trained, evaluated and benchmarked as one: short or long answers.
+
+    Why a value rather than module constants: training, the quality suite and the throughput
+    benchmark each need the evaluated families, the training draw and a generation budget that
+    covers every answer, and they need them for whichever set they are asked for
+    (``--workload``); passing one object keeps the three from disagreeing.
+    """
+
+    name: str
+    #: Evaluated families, in table order (every split but ``train`` draws these).
+    families: tuple[str, ...]
+    #: The training split's draw (see :data:`TRAINING_MIX`).
+    training_mix: tuple[str, ...]
+    #: How many times stage 2 draws each training example of a family (default once).
+    diffusion_repeats: dict[str, int]
+    #: A generation budget that holds the longest answer and its ``<eos>``, in whole blocks of
+    #: 16, so that a block is never cut short by the budget.
+    max_new_tokens: int
+
+
+SHORT_WORKLOAD = Workload("short", FAMILY_NAMES, TRAINING_MIX, DIFFUSION_REPEATS, 32)
+LONG_WORKLOAD = Workload(
+    "long", LONG_FAMILY_NAMES, LONG_TRAINING_MIX, {}, 16 * -(-(LONG_ANSWER_TOKENS[1] + 1) // 16)
+)
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (SHORT_WORKLOAD, LONG_WORKLOAD)}
 
 
 # --------------------------------------------------------------------------- splits

@@ -24,6 +24,6 @@ group equal prefix lengths, so the batched training pass is exactly the per-requ
 pass (``tests/test_train.py`` checks it row by row against ``TwoTowerModel.denoise``).
 """
 
-from vllm_twotower.train.trainer import TrainSettings, tasks_config, train
+from vllm_twotower.train.trainer import TrainSettings, long_config, tasks_config, train
 
-__all__ = ["TrainSettings", "tasks_config", "train"]
+__all__ = ["TrainSettings", "long_config", "tasks_config", "train"]
