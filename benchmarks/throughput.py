@@ -1,14 +1,16 @@
 """Offline throughput of the vLLM path in every mode, side by side, and of the reference.
 
-    python benchmarks/throughput.py                 # batch 1, 8, 32; rewrites docs/performance.md
+    python benchmarks/throughput.py                 # batch 1 to 64; rewrites docs/performance.md
     python benchmarks/throughput.py --smoke         # a few prompts, batch 1 and 2; prints only (CI)
     python benchmarks/throughput.py --reference-only --device cuda   # the reference on a GPU
     python benchmarks/throughput.py --workload long # long answers, their own checkpoint and table
 
 One ``LLM`` engine on the embedded checkpoint serves the same test-split prompts as
-``mask_diffusion``, ``mock_ar``, ``ar`` and ``speculative`` requests (greedy, per-request
-``extra_args``). For a batch size ``B`` the prompts go in waves of ``B`` (one ``LLM.generate``
-call per wave and mode, modes interleaved wave by wave, so that load from other processes hits
+``mask_diffusion``, ``mock_ar``, ``ar``, ``speculative`` and ``auto`` requests (greedy,
+per-request ``extra_args``; ``auto`` and ``speculative`` decide block by block with the
+engine's learned cost model, ``docs/engine-design.md`` §14).  For a batch size ``B`` the
+prompts go in waves of ``B`` (one ``LLM.generate`` call per wave and mode, modes interleaved
+wave by wave, so that load from other processes hits
 every mode alike); the engine admits up to ``max(batch sizes)`` sequences, so a wave runs as one
 continuous batch that drains as its requests finish. Requests stop at EOS (the tasks' answers
 are 2 to 13 tokens plus EOS; 48 to 200 with ``--workload long``, which also loads that set's
@@ -20,7 +22,9 @@ same work.  Reported per mode and batch size:
 * tokens per denoiser pass (NFE) and passes per block, from the plugin's stats RPC;
 * ms per block: wall time per block of one request stream (``wall × B / blocks``);
 * speculative: drafted tokens accepted per draft, output tokens per verification step, and how
-  many outputs differ from ``ar``'s on the same prompts (must be 0).
+  many outputs differ from ``ar``'s on the same prompts (must be 0);
+* auto: its ratio to the best fixed mode at each batch size; and a plot of output tokens/s
+  against batch size, one line per mode (``docs/throughput_<workload>.png``).
 
 The reference implementation (:func:`vllm_twotower.reference.generate`, one request at a time)
 runs the same prompts at batch 1, giving the engine-vs-reference ratio.  Timings are wall clock
@@ -47,7 +51,15 @@ from vllm_twotower.data import (
     generate_split,
     load_tokenizer,
 )
-from vllm_twotower.params import AR, MASK_DIFFUSION, MOCK_AR, MODES, SPECULATIVE, resolve_params
+from vllm_twotower.params import (
+    AR,
+    AUTO,
+    MASK_DIFFUSION,
+    MOCK_AR,
+    MODES,
+    SPECULATIVE,
+    resolve_params,
+)
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,6 +249,15 @@ def summary(rows: list[Measurement]) -> list[str]:
                 f"per verification step ({r.accepted / r.blocks:.2f} drafted tokens accepted), "
                 f"{r.differ_from_ar} of {r.requests} outputs differ from AR"
             )
+    for batch in sorted({r.batch for r in rows if r.label == "vLLM" and r.mode == AUTO}):
+        auto = lookup[("vLLM", AUTO, batch)]
+        fixed = [lookup[("vLLM", m, batch)] for m in (MASK_DIFFUSION, AR, SPECULATIVE)]
+        best = max(fixed, key=lambda r: r.tokens_per_s)
+        lines.append(
+            f"- vLLM, batch {batch}: auto / best fixed mode ({best.mode}) = "
+            f"{auto.tokens_per_s / best.tokens_per_s:.2f}×, auto / AR = "
+            f"{auto.tokens_per_s / lookup[('vLLM', AR, batch)].tokens_per_s:.2f}×"
+        )
     engine = lookup.get(("vLLM", MASK_DIFFUSION, 1))
     ref = lookup.get(("reference", MASK_DIFFUSION, 1))
     if engine and ref and ref.tokens_per_s:
@@ -247,13 +268,35 @@ def summary(rows: list[Measurement]) -> list[str]:
     return lines
 
 
+def plot(rows: list[Measurement], path: Path, title: str) -> None:
+    """Output tokens/s against batch size, one line per mode (the engine's rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in MODES:
+        points = sorted(
+            (r.batch, r.tokens_per_s) for r in rows if r.label == "vLLM" and r.mode == mode
+        )
+        style = {"lw": 2.5, "color": "black"} if mode == AUTO else {"lw": 1.2}
+        ax.plot(*zip(*points, strict=True), "o-", label=mode, **style)
+    ax.set(xscale="log", xlabel="batch size", ylabel="output tokens/s", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=list(WORKLOADS), default="short")
     parser.add_argument(
         "--checkpoint", type=Path, default=None, help="default: the workload's embedded one"
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--num-prompts", type=int, default=32, help="distinct prompts cycled")
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="default: the workload's (32 / 208)"
@@ -292,7 +335,9 @@ def main() -> None:
     print(text)
     if not (args.smoke or args.no_write or args.reference_only):
         replace_section(SECTIONS[workload.name], text)
-        print(f"wrote {PERFORMANCE}")
+        figure = PERFORMANCE.parent / f"throughput_{workload.name}.png"
+        plot(rows, figure, f"{args.checkpoint.name}: output tokens/s by mode ({workload.name})")
+        print(f"wrote {PERFORMANCE} and {figure}")
 
 
 if __name__ == "__main__":  # vLLM on CPU spawns its engine processes
