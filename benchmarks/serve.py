@@ -2,12 +2,12 @@
 
     python benchmarks/serve.py              # concurrency 1, 4, 16, 64; rewrites docs/performance.md
     python benchmarks/serve.py --no-write   # the same, prints only
-    python benchmarks/serve.py --modes speculative ar --concurrency 1 16 --no-write
+    python benchmarks/serve.py --modes mock_ar ar --concurrency 1 16 --no-write
     python benchmarks/serve.py --smoke      # concurrency 1 and 2, a few prompts; prints only (CI)
 
 One server (``python -m vllm.entrypoints.openai.api_server``, loopback, the embedded checkpoint)
-serves every mode of ``--modes`` (default: mask diffusion and AR, the table in
-docs/performance.md); each request names its mode in ``vllm_xargs`` (``vllm bench serve
+serves every mode of ``--modes`` (default: mask diffusion, AR, speculative and auto, the table
+in docs/performance.md); each request names its mode in ``vllm_xargs`` (``vllm bench serve
 --extra-body``), so all modes meet the same engine, and at every concurrency their runs follow
 each other so that load from other processes hits them alike.  Every mode other than AR gets its
 output tok/s and requests/s as a ratio to AR's at the same concurrency (so ``ar`` must be among
@@ -58,10 +58,10 @@ from docsections import machine_name, replace_section
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import generate_split
-from vllm_twotower.params import AR, MASK_DIFFUSION, MODES
+from vllm_twotower.params import AR, AUTO, MASK_DIFFUSION, MODES, SPECULATIVE
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODES = (MASK_DIFFUSION, AR)
+DEFAULT_MODES = (MASK_DIFFUSION, AR, SPECULATIVE, AUTO)
 
 
 def server_flags() -> list[str]:
