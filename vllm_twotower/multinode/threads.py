@@ -21,7 +21,7 @@ worker runs with whatever its OpenMP runtime read at process start:
 pin the threads to cores: Ray runs its workers at nice 15 (``RAY_worker_niceness``), and a
 worker pinned to a core cannot move away from normal-priority processes on that core (with the
 cores pinned through ``GOMP_CPU_AFFINITY``, the loopback cluster served 15-55 output tok/s
-instead of 60-230 unpinned, same load).
+instead of 60-230 unpinned; one run each, beside other people's work, load average 5-7).
 """
 
 from __future__ import annotations
@@ -56,13 +56,16 @@ def worker_thread_count(local_rank: int, node_workers: int, bind: str | None = N
     ``bind`` (default: :data:`BIND_ENV`, node-local) means what it means for vLLM's ``mp``
     workers: ``nobind`` leaves the threads alone (None); a ``|``-separated list gives local
     rank ``i`` the cores of its ``i``-th entry; ``auto`` or unset shares the cores this process
-    may use evenly among the node's workers.
+    may use, less one, evenly among the node's workers.  The core left over is for the node's
+    other processes, as vLLM's ``auto`` reserves cores for them: on the head node the engine
+    core busy-polls for the workers' replies (``shm_broadcast.SpinCondition``), at normal
+    priority, and an OpenMP team waits for its slowest thread.
     """
     bind = os.environ.get(BIND_ENV, "auto") if bind is None else bind
     if bind == "nobind":
         return None
     if bind in ("", "auto"):
-        return max(1, len(os.sched_getaffinity(0)) // max(1, node_workers))
+        return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, node_workers))
     lists = bind.split("|")
     if local_rank >= len(lists):
         raise ValueError(
