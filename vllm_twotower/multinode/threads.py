@@ -13,7 +13,7 @@ worker runs with whatever its OpenMP runtime read at process start:
   process starts, before Ray sets ``OMP_NUM_THREADS=1`` for actors without ``num_cpus``, so
   every worker runs one thread per core of the host.  On the two-node loopback cluster that is
   two workers with two threads each, spin-waiting in OpenMP barriers on two cores beside the
-  engine core's busy-polling, and one engine step took ~0.9 s instead of ~40 ms
+  engine core's busy-polling, and one AR step took 0.9-1.2 s instead of 35-55 ms
   (``docs/multinode.md``, "Measured");
 * without it, one thread (Ray's ``OMP_NUM_THREADS=1``), however many cores the node has.
 
@@ -21,7 +21,7 @@ worker runs with whatever its OpenMP runtime read at process start:
 pin the threads to cores: Ray runs its workers at nice 15 (``RAY_worker_niceness``), and a
 worker pinned to a core cannot move away from normal-priority processes on that core (with the
 cores pinned through ``GOMP_CPU_AFFINITY``, the loopback cluster served 15-55 output tok/s
-instead of 60-230 unpinned; one run each, beside other people's work, load average 5-7).
+instead of 43-230 unpinned; one run each, beside other people's work, load average 5-7).
 """
 
 from __future__ import annotations
