@@ -1,9 +1,12 @@
-"""The Ray CPU platform plugin answers only when asked, and PP is refused with a reason.
+"""The Ray CPU platform plugin answers only when asked, PP is refused with a reason, and a Ray
+worker's thread count follows ``VLLM_CPU_OMP_THREADS_BIND`` as an ``mp`` worker's does.
 
 Fast, in-process checks; the cluster tests are ``tests/engine/test_ray_*.py``.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -46,3 +49,29 @@ def test_pipeline_parallel_is_refused_with_the_reason() -> None:
     args = EngineArgs(model=str(DEFAULT_CHECKPOINT), pipeline_parallel_size=2, dtype="float32")
     with pytest.raises(ValueError, match=r"does not support pipeline parallelism.*same layer"):
         args.create_engine_config()
+
+
+def test_ray_worker_threads_follow_vllms_bind_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_twotower.multinode.threads import BIND_ENV, worker_thread_count
+
+    assert worker_thread_count(0, 1, "nobind") is None
+    assert worker_thread_count(0, 2, "0-3|4-5,7") == 4
+    assert worker_thread_count(1, 2, "0-3|4-5,7") == 3
+    cores = len(os.sched_getaffinity(0))
+    assert worker_thread_count(0, 1, "auto") == max(1, cores - 1)  # a core for the rest
+    assert worker_thread_count(1, 2 * cores, "auto") == 1  # never fewer than one thread
+    monkeypatch.setenv(BIND_ENV, "2")
+    assert worker_thread_count(0, 1) == 1  # the node's variable when none is given
+    with pytest.raises(ValueError, match=rf"{BIND_ENV}='0-3' lists the cores of 1 worker"):
+        worker_thread_count(1, 2, "0-3")
+
+
+def test_thread_sizing_leaves_processes_outside_ray_alone() -> None:
+    import torch
+
+    from vllm_twotower.multinode.threads import in_ray_worker, size_worker_threads
+
+    before = torch.get_num_threads()
+    assert not in_ray_worker()
+    size_worker_threads(0, 64)
+    assert torch.get_num_threads() == before

@@ -813,6 +813,19 @@ def cpu_communicator_with_shm_condition(condition: Callable[[Any], bool]) -> typ
     return ConditionalShmCpuCommunicator
 
 
+@depends_on("vllm.utils.cpu_resource_utils:parse_id_list")
+def parse_cpu_id_list(text: str) -> list[int]:
+    """The cores of one ``VLLM_CPU_OMP_THREADS_BIND`` entry (``"0-2,4"`` → ``[0, 1, 2, 4]``).
+
+    vLLM's own parser (``vllm/utils/cpu_resource_utils.py: parse_id_list``), which its ``mp``
+    executor applies to the same variable (``OMPProcessManager._parse_omp_threads_bind_env``),
+    so a Ray worker reads an entry exactly as an ``mp`` worker would.
+    """
+    from vllm.utils.cpu_resource_utils import parse_id_list
+
+    return parse_id_list(text)
+
+
 # --- reliability (issue #17)
 
 

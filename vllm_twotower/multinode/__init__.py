@@ -9,6 +9,8 @@ the model plugin (``vllm.general_plugins``) and active only when :data:`RESOURCE
   Ray resource as its ``ray_device_key`` (each node: ``ray start --resources '{"<name>": N}'``);
 * :mod:`.communicator` — vLLM's CPU communicator with shared-memory collectives only among
   ranks on one Ray node (torch.distributed / gloo across nodes);
+* :mod:`.threads` — a Ray worker's intra-op thread count, from ``VLLM_CPU_OMP_THREADS_BIND``
+  as for vLLM's ``mp`` workers (vLLM sets it only for those);
 * :mod:`.loopback` — a two-node cluster on one host's loopback addresses, for tests and
   benchmarks.
 
