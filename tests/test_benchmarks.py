@@ -17,10 +17,12 @@ SMOKE_RUNS = {
     "context_scaling": ["benchmarks/context_scaling.py", "--smoke"],  # prints only
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],
     "quality": ["benchmarks/quality.py", "--smoke"],  # writes to a temporary folder
+    "quality_long": ["benchmarks/quality.py", "--smoke", "--workload", "long"],
     # starts the OpenAI server on loopback, runs vllm bench serve against it, stops it
     "serve": ["benchmarks/serve.py", "--smoke", "--modes", "mask_diffusion", "ar", "speculative"],
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
+    "throughput_long": ["benchmarks/throughput.py", "--smoke", "--workload", "long"],
     "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
 }
 

@@ -4,18 +4,24 @@ embedded trained checkpoint is the documented one."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, TWOTOWER_TASKS
+from vllm_twotower.checkpoints import (
+    DEFAULT_CHECKPOINT,
+    TWOTOWER_LONG,
+    TWOTOWER_TASKS,
+    WORKLOAD_CHECKPOINTS,
+)
 from vllm_twotower.config import TwoTowerConfig
-from vllm_twotower.data import EOS_ID, MASK_ID, build_tokenizer, generate_split
+from vllm_twotower.data import EOS_ID, LONG_WORKLOAD, MASK_ID, build_tokenizer, generate_split
 from vllm_twotower.params import MASK_DIFFUSION, TwoTowerParams
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 from vllm_twotower.tools.make_tiny import init_random, tiny_config
-from vllm_twotower.train import TrainSettings, tasks_config, train
+from vllm_twotower.train import TrainSettings, long_config, tasks_config, train
 from vllm_twotower.train.batching import (
     Encoded,
     PrefixBuckets,
@@ -201,21 +207,54 @@ def test_batched_decoding_equals_reference_generation() -> None:
     assert 0 < sum(outcome.correct) < len(items)  # the comparison covers both outcomes
 
 
-def test_embedded_checkpoint_is_the_trained_one() -> None:
+def test_each_workload_has_its_embedded_checkpoint() -> None:
     assert DEFAULT_CHECKPOINT == TWOTOWER_TASKS
-    config = TwoTowerConfig.from_pretrained(TWOTOWER_TASKS)
-    assert config.to_hf_dict() == tasks_config().to_hf_dict()
+    assert WORKLOAD_CHECKPOINTS == {"short": TWOTOWER_TASKS, "long": TWOTOWER_LONG}
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "config_of"),
+    [(TWOTOWER_TASKS, tasks_config), (TWOTOWER_LONG, long_config)],
+    ids=["twotower-tasks", "twotower-long"],
+)
+def test_embedded_checkpoint_is_the_trained_one(
+    checkpoint: Path, config_of: Callable[[], TwoTowerConfig]
+) -> None:
+    config = TwoTowerConfig.from_pretrained(checkpoint)
+    assert config.to_hf_dict() == config_of().to_hf_dict()
     assert set(config.pattern) == {"M", "*", "E"}
     assert (config.head_dim, config.chunk_size, config.vocab_size) == (32, 16, 128)
     d = config.diffusion
     assert (d.confidence_threshold, d.block_size, d.steps_per_block, d.mask_token_id) == (
         0.8, 16, 16, MASK_ID,
     )  # fmt: skip
-    size = sum(f.stat().st_size for f in TWOTOWER_TASKS.iterdir())
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
     assert size <= 20 * 2**20
-    model = TwoTowerModel.from_pretrained(TWOTOWER_TASKS)
+    model = TwoTowerModel.from_pretrained(checkpoint)
     towers = sum(p.numel() for p in model.context_tower.parameters())
     assert 1_000_000 < towers < 10_000_000
+    # Both ship the one tokenizer the task data is encoded with.
+    shipped = json.loads((checkpoint / "tokenizer.json").read_text())
+    assert shipped == json.loads(build_tokenizer().to_str())
+
+
+def test_long_workload_trains_and_validates_on_the_long_families(tmp_path: Path) -> None:
+    """``workload="long"`` draws the long training mix and validates (AR and decoded) on the
+    long families with the long budget, so every validation answer can be reproduced."""
+    settings = TrainSettings(
+        n_train=24, n_val=6, ar_steps=2, ar_batch=4, diffusion_steps=2,
+        diffusion_batch=4, warmup=1, eval_every=2, workload="long",
+    )  # fmt: skip
+    log = tmp_path / "log.jsonl"
+    train(settings, None, config=tiny_config(), log_path=log)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    ar = next(r for r in records if r["stage"] == "ar" and "acc_mean" in r)
+    dec = next(r for r in records if r["stage"] == "diffusion" and "dec_mean" in r)
+    families = set(LONG_WORKLOAD.families)
+    assert {k.removeprefix("acc_") for k in ar if k.startswith("acc_")} == {*families, "mean"}
+    assert {k.removeprefix("dec_") for k in dec if k.startswith("dec_")} == {
+        *families, "mean", "tokens_per_pass",
+    }  # fmt: skip
 
 
 def test_plot_merges_logs_with_a_rerun_stage(tmp_path: Path) -> None:
