@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from vllm_twotower.config import DiffusionDefaults
 from vllm_twotower.engine.load_policy import (
     PRIOR,
     Candidate,
@@ -14,57 +15,75 @@ from vllm_twotower.engine.load_policy import (
     StepWork,
     choose_multi_token,
 )
+from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.engine.step_planner import YIELD_FORGETTING, StepPlanner
 
 TRUE = (0.02, 0.0005, 0.003, 0.0002)
 
 
-def _steps(n: int, seed: int = 0) -> list[StepWork]:
+def _noisy(seconds: float, noise: torch.Generator) -> float:
+    return seconds * (1 + 0.05 * float(torch.randn(1, generator=noise)))
+
+
+def _observe_steps(model: StepCostModel, truth: StepCostModel, n: int, seed: int) -> None:
+    """``n`` steps of random context positions, each with 0–4 passes of random widths."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        StepWork(float(c), float(p), float(p * w))
-        for c, p, w in zip(
-            torch.randint(1, 300, (n,), generator=g).tolist(),
-            torch.randint(0, 5, (n,), generator=g).tolist(),
-            torch.randint(1, 200, (n,), generator=g).tolist(),
-            strict=True,
-        )
-    ]
+    a, b_c, e, b_d = truth.coefficients().tolist()
+    for _ in range(n):
+        for _ in range(int(torch.randint(0, 5, (1,), generator=g))):
+            positions = float(torch.randint(1, 300, (1,), generator=g))
+            model.observe_pass(positions, _noisy(e + b_d * positions, g))
+        context = float(torch.randint(1, 300, (1,), generator=g))
+        model.observe_step(context, _noisy(a + b_c * context, g))
 
 
 def test_the_cost_model_learns_the_step_time_and_follows_a_change() -> None:
     model = StepCostModel()
     assert model.estimates() == dict(zip(model.estimates(), PRIOR, strict=True))
-    truth = StepCostModel(TRUE)
-    noise = torch.Generator().manual_seed(1)
-    for work in _steps(400):
-        model.observe(
-            work, truth.seconds(work) * (1 + 0.05 * float(torch.randn(1, generator=noise)))
-        )
+    _observe_steps(model, StepCostModel(TRUE), 400, seed=0)
     assert list(model.estimates().values()) == pytest.approx(TRUE, rel=0.2)
     # The machine gets twice as slow: the forgetting factor follows within a few hundred steps.
-    slower = StepCostModel(tuple(2 * t for t in TRUE))
-    for work in _steps(400, seed=2):
-        model.observe(work, slower.seconds(work))
+    _observe_steps(model, StepCostModel(tuple(2 * t for t in TRUE)), 400, seed=2)
     assert list(model.estimates().values()) == pytest.approx([2 * t for t in TRUE], rel=0.2)
 
 
+def test_a_batch_of_blocks_and_its_stragglers_separate_the_pass_terms() -> None:
+    """What one fit of whole steps got wrong (batch 64 of short answers): every step with
+    denoiser work is one pass over the whole batch's blocks plus one over the few stragglers'
+    — a fixed shape, so that fit put the whole pass into the per-pass term and judged extra
+    blocks free.  Timed one by one, the passes separate the two terms."""
+    model = StepCostModel()
+    e, b_d = TRUE[2], TRUE[3]
+    noise = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        for positions in (64 * 16, 9 * 16):
+            model.observe_pass(positions, _noisy(e + b_d * positions, noise))
+    estimates = model.estimates()
+    assert estimates["denoiser_pass_s"] == pytest.approx(e, rel=0.3)
+    assert estimates["denoiser_position_s"] == pytest.approx(b_d, rel=0.1)
+
+
 def test_unexcited_directions_do_not_wind_up() -> None:
-    """Hundreds of steps without any denoiser work (a busy all-AR server), then one noisy
-    step with some: the denoiser coefficients move by a bounded amount, not wildly."""
+    """Hundreds of steps without any denoiser pass (a busy all-AR server), then one noisy
+    pass: the pass terms move by a bounded amount, not wildly."""
     model = StepCostModel()
     truth = StepCostModel(TRUE)
-    for work in _steps(600):
-        ar_only = StepWork(work.context_positions, 0.0, 0.0)
-        model.observe(ar_only, truth.seconds(ar_only))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        context = float(torch.randint(1, 300, (1,), generator=g))
+        model.observe_step(context, truth.seconds(StepWork(context, 0.0, 0.0)))
     before = model.estimates()
-    model.observe(StepWork(50, 2, 64), 10 * truth.seconds(StepWork(50, 2, 64)))
+    model.observe_pass(64, 10 * (TRUE[2] + TRUE[3] * 64))
     after = model.estimates()
     assert after["denoiser_position_s"] < 50 * max(before["denoiser_position_s"], PRIOR[3])
+    assert after["overhead_s"] == before["overhead_s"]
 
 
 def test_fixed_coefficients_ignore_timings() -> None:
     model = StepCostModel(TRUE)
-    model.observe(StepWork(10, 1, 16), 5.0)
+    model.observe_step(10, 5.0)
+    model.observe_pass(16, 5.0)
+    model.observe_gap(5.0)
     assert list(model.estimates().values()) == list(TRUE)
     with pytest.raises(ValueError, match="auto_cost_model"):
         StepCostModel((1.0, -1.0, 0.0, 0.0))
@@ -107,3 +126,18 @@ def test_a_shared_pass_cost_is_paid_when_many_rows_share_it() -> None:
     block = Candidate(tokens=16, passes=2, width=16, context=16)
     assert choose_multi_token(model, [block], 30, StepWork(30, 0, 0)) == [False]
     assert choose_multi_token(model, [block] * 31, 0, StepWork(0, 0, 0)) == [True] * 31
+
+
+def test_a_block_is_valued_at_what_it_emits_up_to_eos() -> None:
+    """Short answers end inside their first block: the planner learns what blocks (and
+    drafts) emit up to their first EOS, at most the rows' remaining ``max_tokens``, and
+    values the next ones at that, not at their width."""
+    planner = StepPlanner(ServerDefaults(DiffusionDefaults(), 16), eos_token_ids=[2])
+    assert planner.block_yield is None and planner.draft_yield is None
+    blocks = torch.tensor([[5, 6, 2, 7, 2, -1], [5, 6, 7, 8, 9, 4], [2, 3, 3, 3, 3, 3]])
+    planner.observe_yield(blocks, torch.tensor([100, 4, 100]), drafts=False)
+    assert planner.block_yield == pytest.approx((3 + 4 + 1) / 3)
+    assert planner.draft_yield is None
+    planner.observe_yield(torch.tensor([[7, 7, 7, 7, -1, -1]]), torch.tensor([100]), drafts=False)
+    keep = YIELD_FORGETTING
+    assert planner.block_yield == pytest.approx(keep * 8 / 3 + (1 - keep) * 4)

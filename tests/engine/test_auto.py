@@ -86,11 +86,14 @@ def test_auto_switches_and_matches_the_reference_replay(llm, tiny_checkpoint: Pa
 
 
 def test_speculative_drafts_only_when_it_pays(llm, tiny_checkpoint: Path) -> None:
-    """Alone, a speculative request drafts; behind eleven busy AR requests it takes AR steps
-    instead (the tiny model's drafts are rarely accepted, so a draft is worth ~2 tokens).
-    Either way its output is ar's."""
+    """Alone, a speculative request with 4-token drafts drafts; behind eleven busy AR requests
+    it takes AR steps instead.  The tiny model's drafts are rarely accepted, so a draft step
+    emits ~2 tokens (c and the AR token after the first guess): under ``COST`` that pays for
+    a 4-token draft's two passes (verification included) over 4 positions alone (~2 tokens
+    for ~19 modelled ms against 1 for 11 ms), not beside eleven AR tokens.  Either way its
+    output is ar's."""
     busy = [Case(30 + i, {"mode": "ar"}, max_tokens=40) for i in range(11)]
-    spec = Case(25, {"mode": "speculative"}, max_tokens=20)
+    spec = Case(25, {"mode": "speculative", "block_size": 4}, max_tokens=20)
     prompts = [prompt_ids(c.prompt_len, 500 + i) for i, c in enumerate([*busy, spec])]
     (alone,) = engine_generate(llm, prompts[-1:], [spec])
     crowded = engine_generate(llm, prompts, [*busy, spec])[-1]

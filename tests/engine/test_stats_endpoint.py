@@ -89,7 +89,8 @@ class FakeEngine:
     ) -> list[dict[str, Any]]:
         assert method == "twotower_stats"
         self.calls += 1
-        stats = engine_stats(self.table, StepPlanner(self.table.defaults), **kwargs)
+        planner = StepPlanner(self.table.defaults, eos_token_ids=[2])
+        stats = engine_stats(self.table, planner, **kwargs)
         return [stats, {"aggregate": {}, "requests": {}}]
 
 
@@ -125,6 +126,8 @@ EXPORTED = (
     "vllm:twotower_step_cost_context_position_seconds",
     "vllm:twotower_step_cost_denoiser_pass_seconds",
     "vllm:twotower_step_cost_denoiser_position_seconds",
+    "vllm:twotower_expected_tokens_per_block",
+    "vllm:twotower_expected_tokens_per_draft",
 )
 #: The ``/v1/twotower/stats`` aggregate keys behind :data:`EXPORTED`, in its order.
 AGGREGATE_KEYS = (
@@ -144,6 +147,8 @@ AGGREGATE_KEYS = (
     "step_cost_context_position_s",
     "step_cost_denoiser_pass_s",
     "step_cost_denoiser_position_s",
+    "expected_tokens_per_block",
+    "expected_tokens_per_draft",
 )
 
 
@@ -179,7 +184,13 @@ def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
         counters = (12, 3, 48, 0, 0, 0, 0, 0)
         ratios = (4.0, 4.0, 0.0, 0.0)
         costs = PRIOR  # a planner that has observed no step
-        assert exported(generate_latest(REGISTRY).decode()) == (*counters, *ratios, *costs)
+        yields = (0.0, 0.0)  # nor any block or draft
+        assert exported(generate_latest(REGISTRY).decode()) == (
+            *counters,
+            *ratios,
+            *costs,
+            *yields,
+        )
         task = plugin.source._task
     assert task is not None and task.cancelled() and plugin.source._task is None
 
@@ -249,7 +260,7 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
     unchanged = {"accepted_tokens": 0, "accepted_per_verification": 0.0, "accepted_per_nfe": 0.0,
                  "auto_diffusion_steps": 0, "auto_ar_steps": 0, "speculative_drafts": 0,
                  "speculative_ar_steps": 0}  # fmt: skip
-    unchanged.update(zip(AGGREGATE_KEYS[-4:], PRIOR, strict=True))
+    unchanged.update(zip(AGGREGATE_KEYS[-6:], (*PRIOR, 4.5, 0.0), strict=True))
     earlier = {
         "nfe": 8,
         "blocks": 2,
@@ -266,7 +277,7 @@ def test_several_api_servers_export_the_freshest_snapshot(tmp_path: Path) -> Non
         )
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    expected = (12, 3, 48, 0, 0, 0, 0, 0, 3.5, 3.0, 0.0, 0.0, *PRIOR)
+    expected = (12, 3, 48, 0, 0, 0, 0, 0, 3.5, 3.0, 0.0, 0.0, *PRIOR, 4.5, 0.0)
     assert exported(generate_latest(registry).decode()) == expected
 
 

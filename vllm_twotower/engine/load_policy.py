@@ -12,15 +12,17 @@ output is ``ar``'s either way), whichever maximises the batch's committed tokens
 **Cost model** (:class:`StepCostModel`).  The time of an engine step is modelled as
 ``a + b_c·C + e·P + b_d·D``: a fixed cost ``a`` (the worker's, plus the moving average of the
 gap between two steps of a busy engine: the scheduler, output processing, transfers), ``b_c``
-per context-tower position ``C`` (the scheduled tokens, and a speculative verification's
-draft), ``e`` per denoiser pass ``P`` (the loop's rounds: launches and Python) and ``b_d`` per
-denoiser position ``D``.  The worker's part is learned from the live step timings
-(exponentially weighted least squares, so it follows a machine whose load changes) with a
-ridge towards a prior, so that directions the recent steps do not excite (no diffusion at all
-under heavy load) fall back to the prior instead of winding up and letting one noisy step
-swing the estimate.  ``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes the
-coefficients instead: decisions then depend on the requests only (tests, reproducible
-benchmarks), never on timing.
+per context-tower position ``C`` (the scheduled tokens), ``e`` per pass ``P`` of the denoising
+loop or of a speculative verification (launches, Python, the commit rule) and ``b_d`` per
+position ``D`` such a pass computes.  Two fits learn it from live timings (exponentially
+weighted least squares, so they follow a machine whose load changes, each with a ridge towards
+a prior for directions the recent steps do not excite): ``(e, b_d)`` from every pass timed on
+its own, ``(a, b_c)`` from the rest of each step.  One fit of the whole step over the four
+terms cannot tell ``e`` from ``b_d``: the steps with denoiser work come in a few fixed shapes
+(a batch of blocks, then its stragglers), so the fit put the whole pass into ``e`` and judged
+extra blocks free; single passes range from one row to the whole batch.
+``--hf-overrides '{"auto_cost_model": [a, b_c, e, b_d]}'`` fixes the coefficients instead:
+decisions then depend on the requests only (tests, reproducible benchmarks), never on timing.
 
 **Decision** (:func:`choose_multi_token`).  The step's throughput with the set ``S`` of requests
 that take their multi-token step is ``N(S) / T(S)``: tokens committed over modelled time, the
@@ -44,13 +46,13 @@ import torch
 TERMS = ("overhead_s", "context_position_s", "denoiser_pass_s", "denoiser_position_s")
 #: Where the learning starts (seconds): a small CPU model's magnitudes; a few steps move it.
 PRIOR = (5e-3, 2e-4, 2e-3, 2e-4)
-#: Forgetting factor of the weighted least squares: ~100 steps of memory.
+#: Forgetting factor of the weighted least squares: ~100 observations of memory.
 FORGETTING = 0.99
-#: Typical magnitudes of the terms' inputs (1, positions, passes, positions): the fit runs in
-#: features scaled by these, so that the ridge below weighs every term alike.
-SCALE = (1.0, 100.0, 1.0, 100.0)
-#: How many steps' worth the prior weighs in the fit.
+#: How many observations' worth the prior weighs in each fit.
 RIDGE = 1.0
+#: Typical positions of a step (or a pass): the fits run in features scaled by it, so that the
+#: ridge weighs both of a fit's terms alike.
+POSITION_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -68,40 +70,59 @@ class StepWork:
         )
 
 
+class _AffineFit:
+    """``seconds ≈ fixed + per_position · positions``, exponentially weighted least squares
+    with a ridge towards a prior.
+
+    In features scaled to ~1 (:data:`POSITION_SCALE`), the prior weighs as much as one
+    observation (:data:`RIDGE`): it decides only where the recent observations say nothing, so
+    a direction they stop exciting drifts back to the prior instead of winding up, and one odd
+    observation cannot swing it far."""
+
+    def __init__(self, prior: Sequence[float]) -> None:
+        self._scale = torch.tensor([1.0, POSITION_SCALE], dtype=torch.float64)
+        self._prior = torch.tensor(prior, dtype=torch.float64) * self._scale
+        self._xx = torch.zeros(2, 2, dtype=torch.float64)
+        self._xy = torch.zeros(2, dtype=torch.float64)
+        self.theta = torch.tensor(prior, dtype=torch.float64)
+
+    def observe(self, positions: float, seconds: float) -> None:
+        x = torch.tensor([1.0, positions], dtype=torch.float64) / self._scale
+        self._xx = FORGETTING * self._xx + torch.outer(x, x)
+        self._xy = FORGETTING * self._xy + x * seconds
+        ridge = RIDGE * torch.eye(2, dtype=torch.float64)
+        self.theta = torch.linalg.solve(self._xx + ridge, self._xy + RIDGE * self._prior)
+        self.theta = self.theta / self._scale
+
+
 class StepCostModel:
     """Seconds of an engine step as a linear function of its :class:`StepWork`."""
 
     def __init__(self, fixed: Sequence[float] | None = None) -> None:
-        """Learn from :meth:`observe`, or, given ``fixed`` coefficients, keep them."""
+        """Learn from :meth:`observe_step` and :meth:`observe_pass`, or, given ``fixed``
+        coefficients, keep them."""
         self.learning = fixed is None
-        self.theta = torch.tensor(PRIOR if fixed is None else fixed, dtype=torch.float64)
-        if self.theta.shape != (len(TERMS),) or bool((self.theta < 0).any()):
+        self._fixed = torch.tensor(PRIOR if fixed is None else fixed, dtype=torch.float64)
+        if self._fixed.shape != (len(TERMS),) or bool((self._fixed < 0).any()):
             raise ValueError(f"auto_cost_model must be {len(TERMS)} non-negative seconds {TERMS}")
-        self._scale = torch.tensor(SCALE, dtype=torch.float64)
-        self._xx = torch.zeros(len(TERMS), len(TERMS), dtype=torch.float64)
-        self._xy = torch.zeros(len(TERMS), dtype=torch.float64)
+        self._step = _AffineFit(PRIOR[:2])  # (a, b_c): a step outside its passes
+        self._pass = _AffineFit(PRIOR[2:])  # (e, b_d): one pass
         #: seconds between two steps of a busy engine, outside the worker (moving average)
         self.gap = 0.0
         self.observed = 0
 
-    def observe(self, work: StepWork, seconds: float) -> None:
-        """Exponentially weighted least squares with a ridge towards the prior; no-op for
-        fixed coefficients.
+    def observe_pass(self, positions: float, seconds: float) -> None:
+        """One denoiser (or verification) pass over ``positions`` took ``seconds``; no-op for
+        fixed coefficients."""
+        if self.learning:
+            self._pass.observe(positions, seconds)
 
-        In features scaled to ~1 (:data:`SCALE`), the prior weighs as much as one step
-        (:data:`RIDGE`): it decides only where the recent steps say nothing, so a direction
-        they stop exciting (no denoiser work on a busy all-AR server) drifts back to the prior
-        instead of winding up, and one odd step cannot swing it far."""
-        if not self.learning:
-            return
-        x = work.features() / self._scale
-        self._xx = FORGETTING * self._xx + torch.outer(x, x)
-        self._xy = FORGETTING * self._xy + x * seconds
-        ridge = RIDGE * torch.eye(len(TERMS), dtype=torch.float64)
-        prior = torch.tensor(PRIOR, dtype=torch.float64) * self._scale
-        scaled = torch.linalg.solve(self._xx + ridge, self._xy + RIDGE * prior)
-        self.theta = scaled / self._scale
-        self.observed += 1
+    def observe_step(self, context_positions: float, seconds: float) -> None:
+        """A step's worker time outside its passes, for its ``context_positions`` (the
+        scheduled tokens); no-op for fixed coefficients."""
+        if self.learning:
+            self._step.observe(context_positions, seconds)
+            self.observed += 1
 
     def observe_gap(self, seconds: float) -> None:
         """The time between two steps of a busy engine, outside the worker (the scheduler,
@@ -110,9 +131,11 @@ class StepCostModel:
             self.gap = FORGETTING * self.gap + (1 - FORGETTING) * seconds
 
     def coefficients(self) -> torch.Tensor:
-        """The coefficients decisions use: the fit's, at least zero (a noisy fit can go
+        """The coefficients decisions use: the fits', at least zero (a noisy fit can go
         negative, which would make some work look free), the gap added to the fixed cost."""
-        theta = self.theta.clamp(min=0.0)
+        if not self.learning:
+            return self._fixed.clone()
+        theta = torch.cat([self._step.theta, self._pass.theta]).clamp(min=0.0)
         theta[0] += self.gap
         return theta
 

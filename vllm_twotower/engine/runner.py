@@ -60,7 +60,9 @@ class TwoTowerRunnerMixin:
         self.tt_requests = RequestTable(
             defaults, capacity=self.max_num_reqs, seed=self.model_config.seed
         )
-        self.tt_planner = StepPlanner(defaults)
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        self.tt_planner = StepPlanner(defaults, eos_ids)
         self.tt_mask_id = defaults.diffusion.mask_token_id
         self.tt_pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
         self._tt_reader: ContextReader | None = None
@@ -132,11 +134,12 @@ class TwoTowerRunnerMixin:
         seq_lens = vi.sequence_lengths(self)
         mode = table.mode[slots]
         # Load-aware decoding: which auto rows denoise a block, which speculative rows draft.
+        output_len = seq_lens - vi.prompt_token_counts(self)
         multi = self.tt_planner.plan(
             table,
             slots,
             live,
-            output_len=seq_lens - vi.prompt_token_counts(self),
+            output_len=output_len,
             scheduled=seq_lens - vi.computed_token_counts(self),
         )
         adaptive = live & ((mode == AUTO) | (mode == SPECULATIVE))
@@ -188,6 +191,9 @@ class TwoTowerRunnerMixin:
         # Never emit past max_model_len (vLLM asserts on it before the scheduler can cut).
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
+        left = table.max_tokens[slots] - output_len
+        self.tt_planner.observe_yield(out[diffusion_rows], left[diffusion_rows], drafts=False)
+        self.tt_planner.observe_yield(out[spec_rows], left[spec_rows], drafts=True)
         logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
         self.tt_planner.end_step(vi.batch_request_ids(self))
         return vi.sampler_output(out, logprobs)
@@ -264,22 +270,23 @@ class TwoTowerRunnerMixin:
             for i, v in states.items()
         }
         last = torch.from_numpy(token_ids[rows.numpy(), (seq - 1).numpy()].astype("int64"))
-        logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
-        self.tt_planner.count(passes=1, positions=rows.numel())
         table = self.tt_requests
+        with self.tt_planner.timed_pass(rows.numel()):
+            logits = model.denoise(last[:, None].to(self.device), context, None)[:, 0]
+            keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
+            adjusted = self._tt_adjusted(logits, rows, slots, context_logits)
+            tokens, _ = predict(
+                adjusted,
+                mask_id=None,
+                temperature=table.temperature[slots].to(logits.device),
+                row_keys=keys.to(logits.device),
+                filters=table.filters(slots).to(logits.device),
+            )
+            chosen = tokens.cpu()  # the pass's end on the host
         table.nfe[slots] += 1
         table.decided[slots] += 1  # each pass decides the row's one token
-        keys = noise_row_keys(table.seed[slots], seq, torch.zeros_like(seq))
-        adjusted = self._tt_adjusted(logits, rows, slots, context_logits)
-        tokens, _ = predict(
-            adjusted,
-            mask_id=None,
-            temperature=table.temperature[slots].to(logits.device),
-            row_keys=keys.to(logits.device),
-            filters=table.filters(slots).to(logits.device),
-        )
         self._tt_record_one_token_per_row(rows, slots, logits, adjusted, tokens)
-        return tokens.cpu().to(torch.int32)
+        return chosen.to(torch.int32)
 
     def _sample_ar(
         self, rows: torch.Tensor, logits: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor
@@ -411,21 +418,22 @@ class TwoTowerRunnerMixin:
             t = (sub == mask_id).sum(dim=-1).float() / row["block_size"].float()
             # Rows leave as their blocks complete; until one does, no context copy is needed.
             rows_context = context if idx.numel() == active.numel() else context.select(idx)
-            logits = model.denoise(sub, rows_context, t, row["block_size"])
-            self.tt_planner.count(passes=1, positions=sub.numel())
-            adjusted = self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()])
-            result = commit_step(
-                adjusted,
-                sub,
-                mask_id=mask_id,
-                threshold=row["threshold"],
-                step=step[idx],
-                steps_per_block=row["steps_per_block"],
-                temperature=row["temperature"],
-                seed=row["seed"],
-                block_start=row["block_start"],
-                filters=filters.select(idx),
-            )
+            with self.tt_planner.timed_pass(sub.numel()):
+                logits = model.denoise(sub, rows_context, t, row["block_size"])
+                adjusted = self._tt_adjusted(logits, rows[idx.cpu()], slots[idx.cpu()])
+                result = commit_step(
+                    adjusted,
+                    sub,
+                    mask_id=mask_id,
+                    threshold=row["threshold"],
+                    step=step[idx],
+                    steps_per_block=row["steps_per_block"],
+                    temperature=row["temperature"],
+                    seed=row["seed"],
+                    block_start=row["block_start"],
+                    filters=filters.select(idx),
+                )
+                committed = result.num_committed.cpu()  # the pass's end on the host
             if record_logprobs:  # each token from the pass that decided it
                 decided = torch.nonzero((sub == mask_id) & (result.canvas != mask_id))
                 at, position = decided[:, 0], decided[:, 1]
@@ -443,7 +451,7 @@ class TwoTowerRunnerMixin:
             step[idx] += 1
             s = slots[idx.cpu()]
             table.nfe[s] += 1
-            table.decided[s] += result.num_committed.cpu()
+            table.decided[s] += committed
             active[idx] = (result.canvas == mask_id).any(dim=-1)
         table.blocks[slots] += 1
         return torch.where(inside, canvas.cpu(), PLACEHOLDER)
@@ -469,18 +477,18 @@ class TwoTowerRunnerMixin:
         block_start = seq_lens[rows]
         ids = torch.where(draft == PLACEHOLDER, self.tt_pad_id, draft).long().to(device)
         context = self.tt_reader.read(rows, block_start)
-        logits = self.get_model().score_draft(ids, context, block_size)
-        self.tt_planner.count(context=ids.numel(), passes=1)  # a pass, if of the other tower
-        ar, accepted = accept_draft(
-            ids,
-            logits,
-            length=block_size.to(device),
-            temperature=table.temperature[slots].to(device),
-            seed=table.seed[slots].to(device),
-            block_start=block_start.to(device),
-            filters=table.filters(slots).to(device),
-        )
-        ar, accepted = ar.cpu(), accepted.cpu()
+        with self.tt_planner.timed_pass(ids.numel()):  # a pass, of the other tower
+            logits = self.get_model().score_draft(ids, context, block_size)
+            ar, accepted = accept_draft(
+                ids,
+                logits,
+                length=block_size.to(device),
+                temperature=table.temperature[slots].to(device),
+                seed=table.seed[slots].to(device),
+                block_start=block_start.to(device),
+                filters=table.filters(slots).to(device),
+            )
+            ar, accepted = ar.cpu(), accepted.cpu()
         table.accepted[slots] += accepted
         keep = torch.arange(ar.shape[1])[None, :] <= accepted[:, None]
         out = torch.full((rows.numel(), ar.shape[1] + 1), PLACEHOLDER, dtype=torch.long)

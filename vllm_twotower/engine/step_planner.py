@@ -1,18 +1,22 @@
 """The runner's side of load-aware decoding (issue #24, :mod:`.load_policy` has the policy).
 
 Each step the runner asks :meth:`StepPlanner.plan` which ``auto`` rows denoise a block and which
-``speculative`` rows draft (the others emit one AR token), reports the work it then does
-(:meth:`StepPlanner.count`), and :meth:`StepPlanner.end_step` times it, and the gap since the
-previous step (the scheduler's share), to teach the cost model.  Every input of the plan is a slot
-tensor of the request table (a request's running passes per block, accepted guesses per
-draft, remaining ``max_tokens``), so requests carry no Python state.  Under tensor
-parallelism every rank samples its own tokens, so all ranks must take the same steps: the
-first rank's plan is broadcast (its timings are the ones learned from).
+``speculative`` rows draft (the others emit one AR token), times each pass of the denoising
+loop and of a verification (:meth:`StepPlanner.timed_pass`), reports the tokens each block or
+draft emitted up to its first EOS (:meth:`StepPlanner.observe_yield`), and
+:meth:`StepPlanner.end_step` times the rest of the step, and the gap since the previous step
+(the scheduler's share), to teach the cost model.  Every per-request input of the plan is a
+slot tensor of the request table (a request's running passes per block, accepted guesses per
+draft, remaining ``max_tokens``), so requests carry no Python state.  Under tensor parallelism
+every rank samples its own tokens, so all ranks must take the same steps: the first rank's plan
+is broadcast (its timings are the ones learned from).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -32,6 +36,8 @@ SPECULATIVE, AUTO = MODE_ID["speculative"], MODE_ID["auto"]
 #: prior of accepted guesses per draft (half the draft): a request tries its multi-token step
 #: once, and its own running averages decide after that.
 PRIOR_PASSES = 2.0
+#: Forgetting factor, per block or draft, of the tokens a multi-token step emits: ~50 of them.
+YIELD_FORGETTING = 0.98
 
 
 def _per_row_mean(
@@ -49,11 +55,18 @@ def _per_row_mean(
 class StepPlanner:
     """Plans, counts and times the engine steps of one model runner."""
 
-    def __init__(self, defaults: ServerDefaults) -> None:
+    def __init__(self, defaults: ServerDefaults, eos_token_ids: Sequence[int]) -> None:
         self.enabled = defaults.load_aware
         self.model = StepCostModel(defaults.cost_model)
+        self._eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+        #: tokens a block / a draft step emits up to its first EOS (moving averages; None
+        #: until one is seen): a short answer ends inside its first block, so the block's
+        #: width would overvalue it
+        self.block_yield: float | None = None
+        self.draft_yield: float | None = None
         self._started = 0.0
-        self._work = [0.0, 0.0, 0.0]  # context positions, denoiser passes, denoiser positions
+        self._scheduled = 0
+        self._pass_seconds = 0.0
         #: the previous step's requests and when its worker part ended
         self._previous: tuple[set[str], float] | None = None
         self._gap: float | None = None
@@ -63,14 +76,37 @@ class StepPlanner:
         now = time.perf_counter()
         self._gap = now - self._previous[1] if self._previous is not None else None
         self._started = now
-        self._work = [float(scheduled_tokens), 0.0, 0.0]
+        self._scheduled = scheduled_tokens
+        self._pass_seconds = 0.0
 
-    def count(self, *, context: int = 0, passes: int = 0, positions: int = 0) -> None:
-        """Work of this step beyond its scheduled tokens: verification positions, denoiser
-        passes and the positions they compute."""
-        self._work[0] += context
-        self._work[1] += passes
-        self._work[2] += positions
+    @contextmanager
+    def timed_pass(self, positions: int) -> Iterator[None]:
+        """Time one denoiser or verification pass over ``positions`` (the body of the ``with``,
+        which must end on the host: the loops read each pass's commits back)."""
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        self._pass_seconds += seconds
+        self.model.observe_pass(positions, seconds)
+
+    def observe_yield(self, tokens: torch.Tensor, left: torch.Tensor, *, drafts: bool) -> None:
+        """The tokens each multi-token step of this step emits (``[R, width]``, -1 padded)
+        up to and including its first EOS, at most the row's remaining ``max_tokens``
+        (``left [R]``): one observation per block (or per draft step if ``drafts``)."""
+        if not tokens.numel():
+            return
+        valid = tokens >= 0
+        eos = torch.isin(tokens.long(), self._eos)
+        before_first_eos = eos.int().cumsum(dim=1) - eos.int() == 0
+        emitted = (valid & before_first_eos).sum(dim=1).double().minimum(left.double())
+        keep = YIELD_FORGETTING ** emitted.numel()
+        mean = float(emitted.mean())
+        previous = self.draft_yield if drafts else self.block_yield
+        estimate = mean if previous is None else keep * previous + (1 - keep) * mean
+        if drafts:
+            self.draft_yield = estimate
+        else:
+            self.block_yield = estimate
 
     def end_step(self, request_ids: list[str]) -> None:
         """The step's tokens are chosen: learn from its worker time and the gap before it.
@@ -78,15 +114,15 @@ class StepPlanner:
         A step costs more than the worker's part of it: the scheduler, the output processing
         and the transfers between processes run between two ``execute_model`` calls, per step
         whatever its size, which is what favours multi-token steps at low load.  The worker
-        part is timed every step (so every kind of work is observed, a batch's last block
-        included); the gap before it only when this step shares a request with the previous
-        one (the engine was busy in between, not waiting for a request).
+        part outside the timed passes is learned every step; the gap before it only when this
+        step shares a request with the previous one (the engine was busy in between, not
+        waiting for a request).
         """
         ids = set(request_ids)
         if self._previous is not None and self._gap is not None and ids & self._previous[0]:
             self.model.observe_gap(self._gap)
         now = time.perf_counter()
-        self.model.observe(StepWork(*self._work), now - self._started)
+        self.model.observe_step(self._scheduled, now - self._started - self._pass_seconds)
         self._previous = (ids, now)
 
     def plan(
@@ -118,9 +154,12 @@ class StepPlanner:
         accepted = _per_row_mean(
             table.accepted[slots], blocks, mode == SPECULATIVE, (block - 1) / 2
         )
-        # A block commits up to its size, a draft c, its accepted guesses and one AR token.
-        block_tokens = torch.minimum(block, left)
-        draft_tokens = torch.minimum(accepted + 2, left)
+        # A block commits up to its size, a draft c, its accepted guesses and one AR token;
+        # neither past the request's max_tokens, nor past the EOS blocks and drafts have
+        # reached on average.
+        inf = float("inf")
+        block_tokens = block.minimum(left).clamp(max=self.block_yield or inf)
+        draft_tokens = (accepted + 2).minimum(left).clamp(max=self.draft_yield or inf)
         one_token = live & ((mode == AR) | (mode == MOCK_AR))
         blocks_now = live & (mode == MASK_DIFFUSION)
         fixed = StepWork(
@@ -136,7 +175,7 @@ class StepPlanner:
             tokens=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
             passes=torch.where(is_auto, passes[rows], draft_passes[rows] + 1),  # + verification
             width=block[rows],
-            context=torch.where(is_auto, block_tokens[rows], block[rows] + draft_tokens[rows]),
+            context=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
         )
         chosen = choose_multi_token(self.model, candidates, fixed_tokens, fixed)
         chosen = vi.broadcast_from_first_tp_rank(chosen)
@@ -152,11 +191,14 @@ def engine_stats(
     include_requests: bool = True,
 ) -> dict[str, object]:
     """The worker's ``twotower_stats``: the request table's counters
-    (:meth:`RequestTable.stats`) and the cost model's current estimates, in seconds, as
-    ``step_cost_<term>`` aggregate keys (what ``/metrics`` exports)."""
+    (:meth:`RequestTable.stats`), the cost model's current estimates, in seconds, as
+    ``step_cost_<term>`` aggregate keys, and the tokens a block / a draft step is expected to
+    emit (0 until one has run), all of which ``/metrics`` exports."""
     stats = table.stats(request_id, include_requests)
     aggregate = stats["aggregate"]
     assert isinstance(aggregate, dict)
     for term, seconds in planner.model.estimates().items():
         aggregate[f"step_cost_{term}"] = seconds
+    aggregate["expected_tokens_per_block"] = planner.block_yield or 0.0
+    aggregate["expected_tokens_per_draft"] = planner.draft_yield or 0.0
     return stats
