@@ -10,13 +10,15 @@ import torch
 from vllm_twotower.config import DiffusionDefaults
 from vllm_twotower.engine.load_policy import (
     PRIOR,
+    RIDGE,
     Candidate,
     StepCostModel,
     StepWork,
+    YieldAverage,
     choose_multi_token,
 )
 from vllm_twotower.engine.params import ServerDefaults
-from vllm_twotower.engine.step_planner import YIELD_FORGETTING, StepPlanner
+from vllm_twotower.engine.step_planner import StepPlanner
 
 TRUE = (0.02, 0.0005, 0.003, 0.0002)
 
@@ -130,14 +132,28 @@ def test_a_shared_pass_cost_is_paid_when_many_rows_share_it() -> None:
 
 def test_a_block_is_valued_at_what_it_emits_up_to_eos() -> None:
     """Short answers end inside their first block: the planner learns what blocks (and
-    drafts) emit up to their first EOS, at most the rows' remaining ``max_tokens``, and
-    values the next ones at that, not at their width."""
+    drafts) emit up to and including their first EOS, at most the rows' remaining
+    ``max_tokens``; before any, and as observations fade, a block is worth its width."""
     planner = StepPlanner(ServerDefaults(DiffusionDefaults(), 16), eos_token_ids=[2])
-    assert planner.block_yield is None and planner.draft_yield is None
-    blocks = torch.tensor([[5, 6, 2, 7, 2, -1], [5, 6, 7, 8, 9, 4], [2, 3, 3, 3, 3, 3]])
-    planner.observe_yield(blocks, torch.tensor([100, 4, 100]), drafts=False)
-    assert planner.block_yield == pytest.approx((3 + 4 + 1) / 3)
-    assert planner.draft_yield is None
-    planner.observe_yield(torch.tensor([[7, 7, 7, 7, -1, -1]]), torch.tensor([100]), drafts=False)
-    keep = YIELD_FORGETTING
-    assert planner.block_yield == pytest.approx(keep * 8 / 3 + (1 - keep) * 4)
+    assert planner.block_yield.value == planner.draft_yield.value == 16
+    tokens = torch.tensor([[5, 6, 2, 7, 2, -1], [5, 6, 7, 8, 9, 4], [2, 3, 3, 3, 3, 3]])
+    planner.observe_yields(tokens, torch.tensor([100, 4, 100]), torch.tensor([0, 1, 2]), [])
+    emitted = 3 + 4 + 1  # to the first EOS; max_tokens; the EOS alone
+    assert planner.block_yield.value == pytest.approx((emitted + RIDGE * 16) / (3 + RIDGE))
+    assert planner.draft_yield.value == 16
+    planner.observe_yields(tokens[:1], torch.tensor([100]), [], torch.tensor([0]))
+    assert planner.draft_yield.value == pytest.approx((3 + RIDGE * 16) / (1 + RIDGE))
+    for _ in range(2000):  # steps without a block: the prior comes back
+        planner.observe_yields(tokens[:0], torch.tensor([]), [], [])
+    assert planner.block_yield.value == pytest.approx(16, rel=1e-3)
+
+
+def test_an_unlucky_first_block_is_tried_again() -> None:
+    """A yield average made too low by one early block recovers as soon as blocks are tried,
+    and they are tried because the prior still weighs in."""
+    average = YieldAverage(prior=16)
+    average.step(torch.tensor([1.0]))
+    assert average.value > 5  # still worth a try where a block of ~5 tokens pays
+    for _ in range(300):
+        average.step(torch.full((8,), 5.0))
+    assert average.value == pytest.approx(5, rel=0.01)

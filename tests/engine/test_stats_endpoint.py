@@ -184,7 +184,7 @@ def test_routes_metrics_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
         counters = (12, 3, 48, 0, 0, 0, 0, 0)
         ratios = (4.0, 4.0, 0.0, 0.0)
         costs = PRIOR  # a planner that has observed no step
-        yields = (0.0, 0.0)  # nor any block or draft
+        yields = (16.0, 16.0)  # nor any block or draft: worth their width
         assert exported(generate_latest(REGISTRY).decode()) == (
             *counters,
             *ratios,

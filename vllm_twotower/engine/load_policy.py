@@ -148,6 +148,33 @@ class StepCostModel:
         return dict(zip(TERMS, self.coefficients().tolist(), strict=True))
 
 
+class YieldAverage:
+    """Tokens a multi-token step (a block, or a draft step) emits up to its first EOS.
+
+    A moving average over engine steps (forgetting :data:`FORGETTING` per step, so it follows
+    a workload whose answers get longer or shorter), with ``prior`` (the largest block: a
+    block valued at its width) weighing :data:`RIDGE` observations.  Why the prior: only the
+    steps the policy chooses are observed, so an estimate that one unlucky block or draft made
+    too low would otherwise never be revised; once such steps stop, the observations fade and
+    the estimate drifts back to the prior, and a request tries again (the cost model's ridge
+    does the same for its coefficients).
+    """
+
+    def __init__(self, prior: float) -> None:
+        self.prior = prior
+        self._sum = 0.0
+        self._weight = 0.0
+
+    def step(self, emitted: torch.Tensor) -> None:
+        """One engine step's observations, ``emitted [n]`` (none: the estimate fades)."""
+        self._sum = FORGETTING * self._sum + float(emitted.sum())
+        self._weight = FORGETTING * self._weight + emitted.numel()
+
+    @property
+    def value(self) -> float:
+        return (self._sum + RIDGE * self.prior) / (self._weight + RIDGE)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A request that may take its multi-token step (a diffusion block, a speculative draft)

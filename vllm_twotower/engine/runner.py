@@ -192,8 +192,7 @@ class TwoTowerRunnerMixin:
         room = (self.max_model_len - seq_lens).clamp(min=0)
         out[torch.arange(width)[None, :] >= room[:, None]] = PLACEHOLDER
         left = table.max_tokens[slots] - output_len
-        self.tt_planner.observe_yield(out[diffusion_rows], left[diffusion_rows], drafts=False)
-        self.tt_planner.observe_yield(out[spec_rows], left[spec_rows], drafts=True)
+        self.tt_planner.observe_yields(out, left, diffusion_rows, spec_rows)
         logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
         self.tt_planner.end_step(vi.batch_request_ids(self))
         return vi.sampler_output(out, logprobs)

@@ -95,9 +95,9 @@ GAUGES = (
     ("vllm:twotower_step_cost_denoiser_position_seconds", "step_cost_denoiser_position_s",
      "Load-aware decoding's cost model: seconds per denoiser position."),
     ("vllm:twotower_expected_tokens_per_block", "expected_tokens_per_block",
-     "Load-aware decoding: tokens a block emits up to EOS (moving average; 0: none yet)."),
+     "Load-aware decoding: tokens a block emits up to EOS (moving average)."),
     ("vllm:twotower_expected_tokens_per_draft", "expected_tokens_per_draft",
-     "Load-aware decoding: tokens a speculative draft step emits (moving average; 0: none yet)."),
+     "Load-aware decoding: tokens a speculative draft step emits (moving average)."),
 )  # fmt: skip
 
 

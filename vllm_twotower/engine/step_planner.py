@@ -3,7 +3,7 @@
 Each step the runner asks :meth:`StepPlanner.plan` which ``auto`` rows denoise a block and which
 ``speculative`` rows draft (the others emit one AR token), times each pass of the denoising
 loop and of a verification (:meth:`StepPlanner.timed_pass`), reports the tokens each block or
-draft emitted up to its first EOS (:meth:`StepPlanner.observe_yield`), and
+draft emitted up to its first EOS (:meth:`StepPlanner.observe_yields`), and
 :meth:`StepPlanner.end_step` times the rest of the step, and the gap since the previous step
 (the scheduler's share), to teach the cost model.  Every per-request input of the plan is a
 slot tensor of the request table (a request's running passes per block, accepted guesses per
@@ -25,6 +25,7 @@ from vllm_twotower.engine.load_policy import (
     Candidates,
     StepCostModel,
     StepWork,
+    YieldAverage,
     choose_multi_token,
 )
 from vllm_twotower.engine.params import ServerDefaults
@@ -36,8 +37,6 @@ SPECULATIVE, AUTO = MODE_ID["speculative"], MODE_ID["auto"]
 #: prior of accepted guesses per draft (half the draft): a request tries its multi-token step
 #: once, and its own running averages decide after that.
 PRIOR_PASSES = 2.0
-#: Forgetting factor, per block or draft, of the tokens a multi-token step emits: ~50 of them.
-YIELD_FORGETTING = 0.98
 
 
 def _per_row_mean(
@@ -59,11 +58,10 @@ class StepPlanner:
         self.enabled = defaults.load_aware
         self.model = StepCostModel(defaults.cost_model)
         self._eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-        #: tokens a block / a draft step emits up to its first EOS (moving averages; None
-        #: until one is seen): a short answer ends inside its first block, so the block's
-        #: width would overvalue it
-        self.block_yield: float | None = None
-        self.draft_yield: float | None = None
+        #: tokens a block / a draft step emits up to its first EOS: a short answer ends inside
+        #: its first block, so the block's width would overvalue it
+        self.block_yield = YieldAverage(defaults.max_block_size)
+        self.draft_yield = YieldAverage(defaults.max_block_size)
         self._started = 0.0
         self._scheduled = 0
         self._pass_seconds = 0.0
@@ -89,24 +87,18 @@ class StepPlanner:
         self._pass_seconds += seconds
         self.model.observe_pass(positions, seconds)
 
-    def observe_yield(self, tokens: torch.Tensor, left: torch.Tensor, *, drafts: bool) -> None:
-        """The tokens each multi-token step of this step emits (``[R, width]``, -1 padded)
-        up to and including its first EOS, at most the row's remaining ``max_tokens``
-        (``left [R]``): one observation per block (or per draft step if ``drafts``)."""
-        if not tokens.numel():
-            return
+    def observe_yields(
+        self, tokens: torch.Tensor, left: torch.Tensor, blocks: torch.Tensor, drafts: torch.Tensor
+    ) -> None:
+        """What this step's blocks (rows ``blocks``) and draft steps (rows ``drafts``) emitted:
+        their tokens (``tokens [num_reqs, width]``, -1 padded) up to and including the first
+        EOS, at most the row's remaining ``max_tokens`` (``left [num_reqs]``)."""
         valid = tokens >= 0
-        eos = torch.isin(tokens.long(), self._eos)
-        before_first_eos = eos.int().cumsum(dim=1) - eos.int() == 0
-        emitted = (valid & before_first_eos).sum(dim=1).double().minimum(left.double())
-        keep = YIELD_FORGETTING ** emitted.numel()
-        mean = float(emitted.mean())
-        previous = self.draft_yield if drafts else self.block_yield
-        estimate = mean if previous is None else keep * previous + (1 - keep) * mean
-        if drafts:
-            self.draft_yield = estimate
-        else:
-            self.block_yield = estimate
+        eos = torch.isin(tokens.long(), self._eos).int()
+        before_first_eos = eos.cumsum(dim=1) - eos == 0
+        emitted = (valid & before_first_eos).sum(dim=1).minimum(left)
+        self.block_yield.step(emitted[blocks])
+        self.draft_yield.step(emitted[drafts])
 
     def end_step(self, request_ids: list[str]) -> None:
         """The step's tokens are chosen: learn from its worker time and the gap before it.
@@ -157,9 +149,8 @@ class StepPlanner:
         # A block commits up to its size, a draft c, its accepted guesses and one AR token;
         # neither past the request's max_tokens, nor past the EOS blocks and drafts have
         # reached on average.
-        inf = float("inf")
-        block_tokens = block.minimum(left).clamp(max=self.block_yield or inf)
-        draft_tokens = (accepted + 2).minimum(left).clamp(max=self.draft_yield or inf)
+        block_tokens = block.minimum(left).clamp(max=self.block_yield.value)
+        draft_tokens = (accepted + 2).minimum(left).clamp(max=self.draft_yield.value)
         one_token = live & ((mode == AR) | (mode == MOCK_AR))
         blocks_now = live & (mode == MASK_DIFFUSION)
         fixed = StepWork(
@@ -193,12 +184,12 @@ def engine_stats(
     """The worker's ``twotower_stats``: the request table's counters
     (:meth:`RequestTable.stats`), the cost model's current estimates, in seconds, as
     ``step_cost_<term>`` aggregate keys, and the tokens a block / a draft step is expected to
-    emit (0 until one has run), all of which ``/metrics`` exports."""
+    emit, all of which ``/metrics`` exports."""
     stats = table.stats(request_id, include_requests)
     aggregate = stats["aggregate"]
     assert isinstance(aggregate, dict)
     for term, seconds in planner.model.estimates().items():
         aggregate[f"step_cost_{term}"] = seconds
-    aggregate["expected_tokens_per_block"] = planner.block_yield or 0.0
-    aggregate["expected_tokens_per_draft"] = planner.draft_yield or 0.0
+    aggregate["expected_tokens_per_block"] = planner.block_yield.value
+    aggregate["expected_tokens_per_draft"] = planner.draft_yield.value
     return stats
