@@ -12,13 +12,13 @@ from vllm_twotower.engine.load_policy import (
     PRIOR,
     RIDGE,
     Candidate,
+    RunningAverage,
     StepCostModel,
     StepWork,
-    YieldAverage,
     choose_multi_token,
 )
 from vllm_twotower.engine.params import ServerDefaults
-from vllm_twotower.engine.step_planner import StepPlanner
+from vllm_twotower.engine.step_planner import PRIOR_PASSES, StepPlanner
 
 TRUE = (0.02, 0.0005, 0.003, 0.0002)
 
@@ -151,9 +151,22 @@ def test_a_block_is_valued_at_what_it_emits_up_to_eos() -> None:
 def test_an_unlucky_first_block_is_tried_again() -> None:
     """A yield average made too low by one early block recovers as soon as blocks are tried,
     and they are tried because the prior still weighs in."""
-    average = YieldAverage(prior=16)
+    average = RunningAverage(prior=16)
     average.step(torch.tensor([1.0]))
     assert average.value > 5  # still worth a try where a block of ~5 tokens pays
     for _ in range(300):
         average.step(torch.full((8,), 5.0))
     assert average.value == pytest.approx(5, rel=0.01)
+
+
+def test_fresh_requests_take_the_engines_passes_per_block() -> None:
+    """A request that has run no block yet is valued at the engine's recent passes per block
+    (blocks of earlier requests), not at the prior: a wave of fresh requests is otherwise
+    judged at two passes where blocks take one."""
+    planner = StepPlanner(ServerDefaults(DiffusionDefaults(), 16), eos_token_ids=[2])
+    assert planner.block_passes.value == PRIOR_PASSES
+    for _ in range(50):
+        planner.observe_passes(torch.ones(8, dtype=torch.long), drafts=False)
+        planner.observe_yields(torch.zeros(0, 16), torch.zeros(0), [], [])
+    assert planner.block_passes.value == pytest.approx(1.0, abs=0.01)
+    assert planner.draft_passes.value == 1.0  # the prior: no draft seen

@@ -30,9 +30,10 @@ other requests' (fixed) share included.  For a ratio of sums with per-row costs,
 is a prefix of the candidates ordered by extra tokens per extra second (Dinkelbach's
 argument); the per-pass cost is shared by all the rows that denoise, so the ratio is not
 unimodal along that order (one block alone may not pay its passes where thirty do), and every
-prefix is evaluated (``O(n)`` with running sums), the best taken.  A request's ``k`` and
-``p`` are its own running averages (its blocks or drafts so far), else the batch's over the
-same kind of step, else a prior.
+prefix is evaluated (``O(n)`` with running sums), the best taken.  A request's ``p`` is its
+own running passes per block (per draft) if it has run one, else the engine's recent average
+(:class:`RunningAverage`); its ``k`` is bounded by what recent blocks (drafts) emitted up to
+EOS.
 """
 
 from __future__ import annotations
@@ -148,16 +149,16 @@ class StepCostModel:
         return dict(zip(TERMS, self.coefficients().tolist(), strict=True))
 
 
-class YieldAverage:
-    """Tokens a multi-token step (a block, or a draft step) emits up to its first EOS.
+class RunningAverage:
+    """A moving average over engine steps of what the chosen multi-token steps showed: the
+    tokens a block (or a draft step) emits up to its first EOS, the passes it takes.
 
-    A moving average over engine steps (forgetting :data:`FORGETTING` per step, so it follows
-    a workload whose answers get longer or shorter), with ``prior`` (the largest block: a
-    block valued at its width) weighing :data:`RIDGE` observations.  Why the prior: only the
-    steps the policy chooses are observed, so an estimate that one unlucky block or draft made
-    too low would otherwise never be revised; once such steps stop, the observations fade and
-    the estimate drifts back to the prior, and a request tries again (the cost model's ridge
-    does the same for its coefficients).
+    Forgetting :data:`FORGETTING` per engine step (so it follows a workload whose answers or
+    confidence change), with ``prior`` weighing :data:`RIDGE` observations.  Why the prior:
+    only the steps the policy chooses are observed, so an estimate that one unlucky block or
+    draft made too pessimistic would otherwise never be revised; once such steps stop, the
+    observations fade and the estimate drifts back to the prior, and a request tries again
+    (the cost model's ridge does the same for its coefficients).
     """
 
     def __init__(self, prior: float) -> None:
@@ -165,10 +166,10 @@ class YieldAverage:
         self._sum = 0.0
         self._weight = 0.0
 
-    def step(self, emitted: torch.Tensor) -> None:
-        """One engine step's observations, ``emitted [n]`` (none: the estimate fades)."""
-        self._sum = FORGETTING * self._sum + float(emitted.sum())
-        self._weight = FORGETTING * self._weight + emitted.numel()
+    def step(self, observed: torch.Tensor) -> None:
+        """One engine step's observations, ``observed [n]`` (none: the estimate fades)."""
+        self._sum = FORGETTING * self._sum + float(observed.sum())
+        self._weight = FORGETTING * self._weight + observed.numel()
 
     @property
     def value(self) -> float:

@@ -453,6 +453,7 @@ class TwoTowerRunnerMixin:
             table.decided[s] += committed
             active[idx] = (result.canvas == mask_id).any(dim=-1)
         table.blocks[slots] += 1
+        self.tt_planner.observe_passes(step, drafts=first is not None)
         return torch.where(inside, canvas.cpu(), PLACEHOLDER)
 
     @torch.inference_mode()

@@ -23,9 +23,9 @@ import torch
 from vllm_twotower import vllm_internals as vi
 from vllm_twotower.engine.load_policy import (
     Candidates,
+    RunningAverage,
     StepCostModel,
     StepWork,
-    YieldAverage,
     choose_multi_token,
 )
 from vllm_twotower.engine.params import ServerDefaults
@@ -33,22 +33,18 @@ from vllm_twotower.engine.requests import MODE_ID, RequestTable
 
 AR, MASK_DIFFUSION, MOCK_AR = MODE_ID["ar"], MODE_ID["mask_diffusion"], MODE_ID["mock_ar"]
 SPECULATIVE, AUTO = MODE_ID["speculative"], MODE_ID["auto"]
-#: Before any block of the batch has run: passes per block.  Optimistic on purpose, as is the
-#: prior of accepted guesses per draft (half the draft): a request tries its multi-token step
-#: once, and its own running averages decide after that.
+#: Before any block has run: passes per block.  Optimistic on purpose, as is the prior of
+#: accepted guesses per draft (half the draft): a request tries its multi-token step, and the
+#: running averages decide after that.
 PRIOR_PASSES = 2.0
 
 
 def _per_row_mean(
-    total: torch.Tensor, count: torch.Tensor, among: torch.Tensor, prior: torch.Tensor | float
+    total: torch.Tensor, count: torch.Tensor, otherwise: torch.Tensor | float
 ) -> torch.Tensor:
-    """Each row's ``total / count``; rows with no count yet take the mean over ``among`` rows
-    that have one, else ``prior``."""
-    seen = among & (count > 0)
+    """Each row's ``total / count``; rows with no count yet take ``otherwise``."""
     mean = total.double() / count.clamp(min=1).double()
-    if bool(seen.any()):
-        prior = float(total[seen].sum() / count[seen].sum())
-    return torch.where(count > 0, mean, torch.as_tensor(prior, dtype=torch.float64))
+    return torch.where(count > 0, mean, torch.as_tensor(otherwise, dtype=torch.float64))
 
 
 class StepPlanner:
@@ -60,8 +56,12 @@ class StepPlanner:
         self._eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
         #: tokens a block / a draft step emits up to its first EOS: a short answer ends inside
         #: its first block, so the block's width would overvalue it
-        self.block_yield = YieldAverage(defaults.max_block_size)
-        self.draft_yield = YieldAverage(defaults.max_block_size)
+        self.block_yield = RunningAverage(defaults.max_block_size)
+        self.draft_yield = RunningAverage(defaults.max_block_size)
+        #: denoiser passes per block / per draft, for requests that have run none yet
+        self.block_passes = RunningAverage(PRIOR_PASSES)
+        self.draft_passes = RunningAverage(1.0)
+        self._passes_seen: dict[bool, list[torch.Tensor]] = {False: [], True: []}
         self._started = 0.0
         self._scheduled = 0
         self._pass_seconds = 0.0
@@ -87,18 +87,27 @@ class StepPlanner:
         self._pass_seconds += seconds
         self.model.observe_pass(positions, seconds)
 
+    def observe_passes(self, passes: torch.Tensor, *, drafts: bool) -> None:
+        """The denoiser passes each of this step's blocks (or drafts, if ``drafts``) took."""
+        self._passes_seen[drafts].append(passes.cpu())
+
     def observe_yields(
         self, tokens: torch.Tensor, left: torch.Tensor, blocks: torch.Tensor, drafts: torch.Tensor
     ) -> None:
         """What this step's blocks (rows ``blocks``) and draft steps (rows ``drafts``) emitted:
         their tokens (``tokens [num_reqs, width]``, -1 padded) up to and including the first
-        EOS, at most the row's remaining ``max_tokens`` (``left [num_reqs]``)."""
+        EOS, at most the row's remaining ``max_tokens`` (``left [num_reqs]``); and the passes
+        :meth:`observe_passes` reported.  Once per step: the averages fade per step."""
         valid = tokens >= 0
         eos = torch.isin(tokens.long(), self._eos).int()
         before_first_eos = eos.cumsum(dim=1) - eos == 0
         emitted = (valid & before_first_eos).sum(dim=1).minimum(left)
         self.block_yield.step(emitted[blocks])
         self.draft_yield.step(emitted[drafts])
+        for drafted, average in ((False, self.block_passes), (True, self.draft_passes)):
+            seen = self._passes_seen[drafted]
+            average.step(torch.cat(seen) if seen else torch.zeros(0))
+            seen.clear()
 
     def end_step(self, request_ids: list[str]) -> None:
         """The step's tokens are chosen: learn from its worker time and the gap before it.
@@ -140,12 +149,9 @@ class StepPlanner:
         block = table.block_size[slots].double()
         left = (table.max_tokens[slots] - output_len).double()
         blocks, nfe = table.blocks[slots], table.nfe[slots]
-        diffusing = (mode == MASK_DIFFUSION) | (mode == AUTO)
-        passes = _per_row_mean(nfe, blocks, diffusing, PRIOR_PASSES)
-        draft_passes = _per_row_mean(nfe, blocks, mode == SPECULATIVE, 1.0)
-        accepted = _per_row_mean(
-            table.accepted[slots], blocks, mode == SPECULATIVE, (block - 1) / 2
-        )
+        passes = _per_row_mean(nfe, blocks, self.block_passes.value)
+        draft_passes = _per_row_mean(nfe, blocks, self.draft_passes.value)
+        accepted = _per_row_mean(table.accepted[slots], blocks, (block - 1) / 2)
         # A block commits up to its size, a draft c, its accepted guesses and one AR token;
         # neither past the request's max_tokens, nor past the EOS blocks and drafts have
         # reached on average.
