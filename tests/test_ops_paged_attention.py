@@ -38,9 +38,13 @@ def make_case(
     head_dim: int = 8,
     block_size: int = 8,
     dtype: torch.dtype = torch.float32,
+    interior: str = "scrambled",
 ) -> dict:
     """Queries, block keys/values, a written paged context and the context as written;
-    ``heads`` = (query heads, kv heads)."""
+    ``heads`` = (query heads, kv heads).  ``interior`` places a block's K and V cells:
+    ``scrambled`` (a random permutation), ``rows`` (token-major, as dense ``[N, K|V]`` views) or
+    ``columns`` (keys channel-major, values token-major, as vLLM's CPU backend); the kernel
+    stages each differently."""
     q_heads, kv_heads = heads
     gen = torch.Generator().manual_seed(seed)
     rows = len(kv_lens)
@@ -52,6 +56,12 @@ def make_case(
     cache = big.to(dtype)[:, 1:, :, 3:]
     cells = block_size * 2 * head_dim
     perm = torch.randperm(cells, generator=gen)
+    if interior == "rows":
+        perm = torch.arange(cells)
+    elif interior == "columns":
+        t, c = torch.arange(block_size)[:, None], torch.arange(head_dim)[None, :]
+        perm = torch.stack([c * block_size + t, block_size * head_dim + t * head_dim + c])
+        perm = perm.flatten()
     token, channel = perm // (2 * head_dim), perm % (2 * head_dim)
     offsets = (token * cache.stride(2) + channel * cache.stride(3)).view(2, block_size, head_dim)
     table = torch.zeros(rows, width, dtype=torch.long)
@@ -180,6 +190,19 @@ def test_kernel_and_fallback_match_the_reference(
     shape = {"size": size, "head_dim": head_dim, "block_size": block_size, "dtype": dtype}
     case = make_case(seed, kv_lens, block_lens, heads=(kv_heads * group, kv_heads), **shape)
     check(case, causal, dtype)
+
+
+@pytest.mark.parametrize("interior", ["rows", "columns", "scrambled"])
+@pytest.mark.parametrize("heads", [(32, 2), (3, 1)])
+def test_long_contexts_span_many_tiles(interior: str, heads: tuple[int, int]) -> None:
+    """Contexts of several kernel tiles (the online softmax across tiles) in each block interior
+    the kernel stages differently, ragged lengths, and query counts (16 × 16 and 5 × 3) that
+    fill the micro-kernel's 16 query lanes exactly and leave a remainder."""
+    size = 16 if heads[0] == 32 else 5
+    shape = {"size": size, "heads": heads, "head_dim": 32, "block_size": 16}
+    case = make_case(4, [2500, 0, 1029], [size, 3, 1], interior=interior, **shape)
+    for causal in (False, True):
+        check(case, causal, torch.float32)
 
 
 @needs_kernel
