@@ -22,9 +22,13 @@ from vllm_twotower.data import (
 )
 from vllm_twotower.data.__main__ import main as cli_main
 from vllm_twotower.data.long_tasks import (
+    CHUNK,
+    LABELS,
     LONG_ANSWER_TOKENS,
     LONG_FAMILY_NAMES,
     LONG_TRAINING_ONLY_FAMILIES,
+    labelled,
+    unlabelled,
 )
 from vllm_twotower.data.tasks import FAMILY_NAMES, LONG_WORKLOAD, SHORT_WORKLOAD, WORKLOADS
 
@@ -39,13 +43,15 @@ def splits() -> dict[str, list[Example]]:
 @pytest.mark.parametrize(
     ("family", "prompt", "answer"),
     [
-        ("long-copy", "copy[QWERTY]=", "QWERTY"),
-        ("rot13", "rot13[QWERTYNZ]=", "DJREGLAM"),
+        # Payloads in labelled chunks of four (a, b, c, …), answers labelled the same way.
+        ("long-copy", "copy[aQWERbTYUI]=", "aQWERbTYUI"),
+        ("rot13", "rot13[aQWERbTYNZ]=", "aDJREbGLAM"),
         ("long-sort", "sort[QWERTYQ]=", "EQQRTWY"),
-        # Least-significant digit first: 99 + 91 = 190 → 091; 1347 + 5682 = 7029 → 9207.
-        ("long-add", "add[99+19]=", "091"),
-        ("long-add", "add[7431+2865]=", "9207"),
-        ("cumsum", "cumsum[31415]=", "34894"),
+        # Least-significant digit first: 9999 + 1999 = 11998 → 89911, the carry in chunk b.
+        ("long-add", "add[a9999+a9991]=", "a8991b1"),
+        # 20011347 + 90025682 = 110037029 → 920730011.
+        ("long-add", "add[a7431b1002+a2865b2009]=", "a9207b3001c1"),
+        ("cumsum", "cumsum[a3141b5926]=", "a3489b4351"),
         # 30 - 8 = 22, 14, 6 (then 6 < 8 stops), three digits each, least significant first.
         ("countdown", "countdown[30,8]=", "220,410,600"),
         ("countdown", "countdown[527,8]=", ",".join(f"{v:03d}"[::-1] for v in range(519, -1, -8))),
@@ -63,6 +69,12 @@ def test_long_prompts_of_another_family_are_rejected() -> None:
         score("cumsum", "copy[ABC]=", "ABC")
     with pytest.raises(ValueError, match="does not match"):
         score("long-copy", "copy(ABC)=", "ABC")  # the short family's form is not the long one
+    with pytest.raises(ValueError, match="does not match"):
+        score("long-copy", "copy[aQWEbRTYU]=", "aQWEbRTYU")  # a chunk of three
+    with pytest.raises(ValueError, match="not labelled"):
+        score("rot13", "rot13[aQWERcTYUI]=", "aDJREcGLHV")  # label b skipped
+    with pytest.raises(ValueError, match="differ in length"):
+        score("long-add", "add[a1234b5678+a1234]=", "a2468b5678")
 
 
 def test_long_answers_are_48_to_200_tokens_with_mean_at_least_80(
@@ -117,6 +129,16 @@ def test_ramp_variants_are_the_same_tasks_below_the_evaluated_lengths() -> None:
     for example in generate_split("train", 240, seed=2, families=names):
         assert score(example.family.removesuffix("-ramp"), example.prompt, example.answer)
         assert 8 <= len(example.answer) < LONG_ANSWER_TOKENS[0], example
+
+
+@pytest.mark.parametrize("items", ["QWER", "QWERTYU", "0123456789" * 10 + "1234"])
+def test_labelled_round_trips_and_puts_a_label_every_four_items(items: str) -> None:
+    text = labelled(items)
+    assert unlabelled(text) == items
+    assert text[:: CHUNK + 1] == LABELS[: len(text[:: CHUNK + 1])]
+    assert len(text) == len(items) + -(-len(items) // CHUNK)
+    with pytest.raises(ValueError, match="more than 26 labels"):
+        labelled("A" * (CHUNK * len(LABELS) + 1))
 
 
 def test_workloads_keep_the_short_set_and_add_the_long_one() -> None:
