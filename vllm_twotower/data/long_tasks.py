@@ -116,13 +116,8 @@ def unlabelled(text: str) -> str:
 def _labelled_family(
     name: str, keyword: str, alphabet: str, chunks: tuple[int, int], fn: Callable[[str], str]
 ) -> Family:
-    """``keyword[aXXXXbXXXX…]=`` → ``labelled(fn(items))``: copy, rot13 and cumsum.
-
-    Why labelled chunks: answer item *j* needs payload item *j*, up to 130 tokens back.  Found
-    by its offset, that lookup was not learned (0 % for rot13 and cumsum in 1 000 steps,
-    ``docs/quality.md``); found by content — the chunk label just written, then an offset of
-    at most four inside the chunk — it is the short copy task again.  Whole chunks only, so
-    the answer has a fixed period of five tokens, which the denoiser can rely on too.
+    """``keyword[aXXXXbXXXX…]=`` → ``labelled(fn(items))``: copy, rot13 and cumsum, in whole
+    chunks only, so the answer keeps its five-token period (why labels: the module docstring).
     """
     pattern = re.compile(
         re.escape(keyword) + rf"\[((?:[a-z][{alphabet[0]}-{alphabet[-1]}]{{{CHUNK}}})+)\]="
