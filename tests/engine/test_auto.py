@@ -1,11 +1,14 @@
 """Load-aware decoding (issue #24) with a fixed cost model: deterministic switches, replayed.
 
 The engine here runs with ``--hf-overrides '{"auto_cost_model": COST}'``: its decisions
-depend on the batch, never on timing.  Under ``COST`` (``load_policy.TERMS``: 10 ms per step,
-1 ms per context position, no per-pass cost, 1 ms per denoiser position) a lone ``auto``
+depend on the batch, never on timing, and ``engine_generate`` queues every request before the
+first step, so the batches are the test's too.  Under ``COST`` (``load_policy.TERMS``: 10 ms per
+step, 1 ms per context position, no per-pass cost, 1 ms per denoiser position) a lone ``auto``
 request is worth a diffusion block (16 tokens for ~58 modelled ms against 1 for 11 ms), while
-six or more live requests are worth one AR token each, so a batch of auto requests of different
-lengths starts with AR steps and switches to blocks as it drains.  Every output must equal
+six or more live requests are worth one AR token each.  So a batch of auto requests of
+different lengths starts with blocks while the others' prompts are still prefilled (beside a
+64-token chunk a block costs little), takes AR steps once the batch decodes, and switches back
+to blocks as it drains.  Every output must equal
 the reference replaying the engine's schedule (``twotower_stats``), in a batch mixed with every
 other mode; the switches must actually happen; the counters must agree with the schedule.
 """
@@ -59,7 +62,7 @@ def test_auto_switches_and_matches_the_reference_replay(llm, tiny_checkpoint: Pa
     fast = {"mode": "auto", "steps_per_block": 2}
     auto = [Case(20 + 3 * i, fast, max_tokens=24 + 12 * i) for i in range(8)]
     auto[1] = Case(23, fast, 36, 0.9, 41, 2, (("top_k", 8),))
-    auto[2] = Case(26, {**fast, "block_size": 8}, 48, 0.0, 0, None, (("min_p", 0.2),))
+    auto[2] = Case(26, {**fast, "block_size": 8}, 80, 0.0, 0, None, (("min_p", 0.2),))
     others = [
         Case(15, {"mode": "ar"}, max_tokens=30),
         Case(17, {}, max_tokens=40),
@@ -76,7 +79,9 @@ def test_auto_switches_and_matches_the_reference_replay(llm, tiny_checkpoint: Pa
         assert list(out.outputs[0].token_ids) == exp.output_ids, case
     auto_schedules = schedules[: len(auto)]
     assert all(s and set(s) <= {"a", "d"} for s in auto_schedules), auto_schedules
-    # Busy (twelve requests): AR tokens; as the batch drains, blocks again.
+    # Prefill chunks in the step: a block; twelve requests decoding: AR tokens; as the batch
+    # drains, blocks again.
+    assert all(s.startswith("d") for s in auto_schedules), auto_schedules
     assert all("a" in s for s in auto_schedules), auto_schedules
     assert any("ad" in s for s in auto_schedules), auto_schedules
     check_engine_stats(llm, cases, outs)

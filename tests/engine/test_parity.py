@@ -206,7 +206,13 @@ def engine_generate(llm, prompts, cases, n: int = 1):
         )
         for c in cases
     ]
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    # Every request is queued before the first step (vLLM's documented way: a level-0 sleep
+    # pauses scheduling, not admission), so the batches, and the schedules load-aware modes
+    # choose from them, are the test's, not the timing of arrivals at the engine process.
+    llm.sleep(level=0, mode="keep")
+    llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    llm.wake_up(tags=["scheduling"])
+    return llm.wait_for_completion(use_tqdm=False)
 
 
 def test_mixed_batch_matches_reference(llm, tiny_checkpoint: Path) -> None:
