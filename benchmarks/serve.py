@@ -318,7 +318,7 @@ def main() -> None:
     )
     parser.add_argument("--warmups", type=int, default=2, help="bench warm-up requests per run")
     parser.add_argument(
-        "--result-dir", type=Path, default=None, help="bench JSON and logs (runs/serve; smoke: tmp)"
+        "--result-dir", type=Path, default=None, help="JSON, logs (runs/serve[-long]; smoke: tmp)"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny run, print only (CI)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
