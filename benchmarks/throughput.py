@@ -19,6 +19,7 @@ table gives the mean output length per mode so that a reader can see that the mo
 same work.  Reported per mode and batch size:
 
 * output tokens/s, and its ratio to AR's in the same waves (the headline);
+* exact match: the share of outputs that solve their task (so speed is read beside quality);
 * tokens per denoiser pass (NFE) and passes per block, from the plugin's stats RPC;
 * ms per block: wall time per block of one request stream (``wall × B / blocks``);
 * speculative: drafted tokens accepted per draft, output tokens per verification step, and how
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from vllm_twotower.data import (
     WORKLOADS,
     Workload,
     generate_split,
+    is_correct,
     load_tokenizer,
 )
 from vllm_twotower.params import (
@@ -81,10 +84,15 @@ class Measurement:
     accepted: int = 0  # speculative: drafted tokens accepted
     #: speculative: requests whose output differs from ar's on the same path and prompts
     differ_from_ar: int = 0
+    #: requests whose output solves its task exactly (:data:`Grader`)
+    correct: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    def exact_match(self) -> str:
+        return f"{100 * self.correct / self.requests:.1f} %" if self.requests else "–"
 
     def cells(self, ar: Measurement | None) -> list[str]:
         ratio = f"{self.tokens_per_s / ar.tokens_per_s:.2f}" if ar and ar.tokens_per_s else "–"
@@ -132,17 +140,37 @@ HEADER = [
 SECTIONS = {"short": "throughput", "long": "throughput-long"}
 
 
+#: Whether the output ids of prompt ``i`` solve its task (``grader(i, output_ids)``).
+Grader = Callable[[int, list[int]], bool]
+
+
 def test_prompts(
     count: int, checkpoint: Path, workload: Workload = SHORT_WORKLOAD
 ) -> list[list[int]]:
     """Token ids of ``count`` test-split prompts (all the workload's families, seed 0)."""
+    return graded_test_prompts(count, checkpoint, workload)[0]
+
+
+def graded_test_prompts(
+    count: int, checkpoint: Path, workload: Workload = SHORT_WORKLOAD
+) -> tuple[list[list[int]], Grader]:
+    """:func:`test_prompts` and the :data:`Grader` of their answers: speed is only worth
+    comparing between modes at the exact match each reaches."""
     tokenizer = load_tokenizer(checkpoint)
     examples = generate_split("test", count, seed=0, families=workload.families)
-    return [tokenizer.encode(e.prompt).ids for e in examples]
+
+    def grade(i: int, output_ids: list[int]) -> bool:
+        return is_correct(examples[i], tokenizer.decode(output_ids, skip_special_tokens=False))
+
+    return [tokenizer.encode(e.prompt).ids for e in examples], grade
 
 
 def measure_reference(
-    checkpoint: Path, prompts: list[list[int]], max_tokens: int, device: torch.device
+    checkpoint: Path,
+    prompts: list[list[int]],
+    max_tokens: int,
+    device: torch.device,
+    grade: Grader | None = None,
 ) -> list[Measurement]:
     """The reference implementation, one request at a time, in every mode."""
     model = TwoTowerModel.from_pretrained(checkpoint).to(device)
@@ -153,7 +181,7 @@ def measure_reference(
         params = resolve_params({"mode": mode}, config.diffusion, config.max_block_size)
         row = Measurement("reference", mode, batch=1)
         generate(model, prompts[:1], params, SamplingSpec(max_new_tokens=max_tokens))  # warm-up
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             start = time.perf_counter()
             (out,) = generate(model, [prompt], params, SamplingSpec(max_new_tokens=max_tokens))
             if device.type == "cuda":
@@ -161,6 +189,7 @@ def measure_reference(
             row.seconds += time.perf_counter() - start
             row.requests += 1
             row.tokens += len(out.output_ids)
+            row.correct += bool(grade and grade(i, out.output_ids))
             outputs.setdefault(mode, []).append(out.output_ids)
             row.nfe += out.nfe
             row.accepted += sum(out.accepted)
@@ -196,7 +225,11 @@ def timed_generate(llm: Any, wave: list[Any], params: Any, row: Measurement) -> 
 
 
 def measure_engine(
-    checkpoint: Path, prompts: list[list[int]], batch_sizes: list[int], max_tokens: int
+    checkpoint: Path,
+    prompts: list[list[int]],
+    batch_sizes: list[int],
+    max_tokens: int,
+    grade: Grader | None = None,
 ) -> list[Measurement]:
     """The vLLM path: every mode at every batch size on one engine."""
     from vllm import SamplingParams
@@ -214,7 +247,8 @@ def measure_engine(
         waves = max(2, len(prompts) // batch)
         rows = {m: Measurement("vLLM", m, batch) for m in MODES}
         for w in range(waves):
-            wave = [inputs[(w * batch + i) % len(inputs)] for i in range(batch)]
+            indices = [(w * batch + i) % len(inputs) for i in range(batch)]
+            wave = [inputs[i] for i in indices]
             outputs = {}
             for mode, row in rows.items():
                 params = SamplingParams(
@@ -222,6 +256,8 @@ def measure_engine(
                 )
                 outs = timed_generate(llm, wave, params, row)
                 outputs[mode] = [list(o.outputs[0].token_ids) for o in outs]
+                if grade is not None:
+                    row.correct += sum(map(grade, indices, outputs[mode]))
             rows[SPECULATIVE].differ_from_ar += sum(
                 s != a for s, a in zip(outputs[SPECULATIVE], outputs[AR], strict=True)
             )
@@ -232,8 +268,12 @@ def measure_engine(
 def table(rows: list[Measurement]) -> str:
     """Markdown table; each row's ratio is against AR on the same path and batch size."""
     ar_of = {(r.label, r.batch): r for r in rows if r.mode == AR}
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells(ar_of.get((r.label, r.batch)))) + " |" for r in rows]
+    after = HEADER.index("× AR") + 1  # exact match beside the speed ratio
+    header = [*HEADER[:after], "exact match", *HEADER[after:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = r.cells(ar_of.get((r.label, r.batch)))
+        lines.append("| " + " | ".join([*cells[:after], r.exact_match(), *cells[after:]]) + " |")
     return "\n".join(lines)
 
 
@@ -321,10 +361,13 @@ def main() -> None:
     if args.smoke:
         args.batch_sizes, args.num_prompts, args.max_tokens = [1, 2], 2, 8
 
-    prompts = test_prompts(args.num_prompts, args.checkpoint, workload)
-    rows = measure_reference(args.checkpoint, prompts, args.max_tokens, device)
+    prompts, grade = graded_test_prompts(args.num_prompts, args.checkpoint, workload)
+    rows = measure_reference(args.checkpoint, prompts, args.max_tokens, device, grade)
     if not args.reference_only:
-        rows = measure_engine(args.checkpoint, prompts, args.batch_sizes, args.max_tokens) + rows
+        engine_rows = measure_engine(
+            args.checkpoint, prompts, args.batch_sizes, args.max_tokens, grade
+        )
+        rows = engine_rows + rows
     text = "\n".join(
         [
             table(rows),

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_RUNS = {
+    "block_alignment": ["benchmarks/block_alignment.py", "--smoke"],  # prints only
     "calibration": ["benchmarks/calibration.py", "--smoke", "--no-write"],
     "context_scaling": ["benchmarks/context_scaling.py", "--smoke"],  # prints only
     "kernels": ["benchmarks/kernels.py", "--smoke", "--no-write"],

@@ -30,18 +30,28 @@ def test_fixed_schedules_are_the_fixed_modes(tiny_model: TwoTowerModel, sampling
 def test_a_switch_starts_the_block_where_the_committed_text_ends(
     tiny_model: TwoTowerModel, sampling
 ) -> None:
-    """``a a a d d``: three of ``ar``'s tokens, then the blocks ``mask_diffusion`` denoises
-    after the prompt and those tokens (noise is keyed by absolute position, so sampled runs
-    compose too)."""
-    (auto,) = generate(tiny_model, [PROMPT], TwoTowerParams(mode=AUTO), sampling, ["aaadd"])
+    """``a a a a d d …`` with blocks of 4: four of ``ar``'s tokens, then the blocks
+    ``mask_diffusion`` denoises after the prompt and those tokens (noise is keyed by absolute
+    position, so sampled runs compose too)."""
+    params = TwoTowerParams(mode=AUTO, block_size=4)
+    (auto,) = generate(tiny_model, [PROMPT], params, sampling, ["aaaa" + "d" * 7])
     (ar,) = generate(tiny_model, [PROMPT], TwoTowerParams(mode=AR), sampling)
-    assert auto.output_ids[:3] == ar.output_ids[:3]
-    rest = SamplingSpec(27, sampling.temperature, sampling.seed)
-    (diffusion,) = generate(
-        tiny_model, [PROMPT + ar.output_ids[:3]], TwoTowerParams(mode=MASK_DIFFUSION), rest
-    )
-    assert auto.output_ids[3:] == diffusion.output_ids
-    assert auto.tokens_per_step[:3] == [1, 1, 1]
+    assert auto.output_ids[:4] == ar.output_ids[:4]
+    rest = SamplingSpec(26, sampling.temperature, sampling.seed)
+    blocks = TwoTowerParams(mode=MASK_DIFFUSION, block_size=4)
+    (diffusion,) = generate(tiny_model, [PROMPT + ar.output_ids[:4]], blocks, rest)
+    assert auto.output_ids[4:] == diffusion.output_ids
+    assert auto.tokens_per_step[:4] == [1, 1, 1, 1]
+
+
+def test_blocks_start_only_on_the_block_grid(tiny_model: TwoTowerModel) -> None:
+    """Back from AR to blocks only a whole number of blocks after the prompt, where
+    ``mask_diffusion``'s blocks start (the engine's policy never schedules otherwise)."""
+    params = TwoTowerParams(mode=AUTO, block_size=4)
+    with pytest.raises(ValueError, match="4-token block grid, not 3 tokens into a block"):
+        generate(tiny_model, [PROMPT], params, SamplingSpec(20), ["aaad" + "a" * 20])
+    (auto,) = generate(tiny_model, [PROMPT], params, SamplingSpec(20), ["daaaadaaaad"])
+    assert len(auto.output_ids) == 20
 
 
 def test_speculative_ar_steps_skip_the_draft(tiny_model: TwoTowerModel) -> None:

@@ -135,18 +135,22 @@ class StepPlanner:
         scheduled: torch.Tensor,
     ) -> torch.Tensor:
         """Bool ``[num_reqs]``: the rows that take their multi-token step (a block for ``auto``,
-        a draft for ``speculative``); only live ``auto`` / ``speculative`` rows are ever true.
+        a draft for ``speculative``); only live ``speculative`` rows and live ``auto`` rows on
+        their block grid (a whole number of blocks after the prompt) are ever true.
 
         ``output_len`` and ``scheduled`` are each row's output length and this step's scheduled
         tokens."""
-        mode = table.mode[slots]
-        auto, speculative = live & (mode == AUTO), live & (mode == SPECULATIVE)
+        mode, block_size = table.mode[slots], table.block_size[slots]
+        # An auto row may start a block only on its block grid, where mask_diffusion's blocks
+        # start (the reference's ``_check_on_grid`` says why); off it, it takes AR tokens.
+        auto = live & (mode == AUTO) & (output_len % block_size == 0)
+        speculative = live & (mode == SPECULATIVE)
         if not self.enabled:  # fixed schedule: speculative always drafts (auto is refused)
             return speculative
         rows = torch.nonzero(auto | speculative).flatten()
         if not rows.numel():
             return torch.zeros_like(live)
-        block = table.block_size[slots].double()
+        block = block_size.double()
         left = (table.max_tokens[slots] - output_len).double()
         blocks, nfe = table.blocks[slots], table.nfe[slots]
         passes = _per_row_mean(nfe, blocks, self.block_passes.value)
@@ -157,7 +161,7 @@ class StepPlanner:
         # reached on average.
         block_tokens = block.minimum(left).clamp(max=self.block_yield.value)
         draft_tokens = (accepted + 2).minimum(left).clamp(max=self.draft_yield.value)
-        one_token = live & ((mode == AR) | (mode == MOCK_AR))
+        one_token = live & ((mode == AR) | (mode == MOCK_AR) | ((mode == AUTO) & ~auto))
         blocks_now = live & (mode == MASK_DIFFUSION)
         fixed = StepWork(
             float(one_token.sum() + block_tokens[blocks_now].sum() + scheduled[~live].sum()),

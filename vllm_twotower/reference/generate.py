@@ -11,6 +11,7 @@ Conventions shared with the engine:
 
 * sampling noise is keyed by ``(seed, absolute token position, denoising step)``; AR and
   mock-AR draw at step 0;
+* a diffusion block starts a whole number of blocks after the prompt, in ``auto`` too;
 * a diffusion block is always denoised in full (``block_size`` positions) and the output is then
   cut after the first EOS and at ``max_new_tokens``; AR and mock-AR stop right after EOS;
 * the mask id is suppressed only in mask diffusion (and the denoiser's speculative drafts).
@@ -249,7 +250,8 @@ def _generate_steps(
     """Generate by the given steps, as the engine's block step runs them, one per engine step:
     an AR token from the context tower's logits (``ar``), a block denoised after the context
     (``mask_diffusion``), a speculative draft verified by the context tower.  Each step starts
-    where the committed text ends, and the context then consumes what it committed."""
+    where the committed text ends (a block only on its block grid, :func:`_check_on_grid`),
+    and the context then consumes what it committed."""
     result, stopper = GenerationResult([]), _Stopper(model, sampling)
     logits, state = model.extend_context(prompt, model.empty_context())
     eos = model.config.eos_token_id
@@ -259,6 +261,7 @@ def _generate_steps(
                 [_emit_next(result, logits[-1], sampling, state.length, prompt, eos)]
             )
         elif step == DIFFUSION_STEP:
+            _check_on_grid(result, params)
             committed = _diffusion_step(model, state, params, sampling, prompt, result)
         else:
             committed = _speculative_step(model, logits, state, params, sampling, prompt, result)
@@ -266,6 +269,20 @@ def _generate_steps(
             return result
         logits, state = model.extend_context(committed, state)
     raise ValueError("the schedule ended before the output did")
+
+
+def _check_on_grid(result: GenerationResult, params: TwoTowerParams) -> None:
+    """A diffusion block starts on its request's block grid (a whole number of blocks after
+    the prompt), where ``mask_diffusion``'s blocks start and the denoiser was trained to start
+    them (:mod:`vllm_twotower.train.batching`): ``auto`` switches to AR at any step but back to
+    blocks only there, since a block started off the grid loses most of its accuracy
+    (``benchmarks/block_alignment.py``)."""
+    offset = len(result.output_ids) % params.block_size
+    if offset:
+        raise ValueError(
+            f"a diffusion block starts on the {params.block_size}-token block grid, not "
+            f"{offset} tokens into a block (after {len(result.output_ids)} output tokens)"
+        )
 
 
 def _generate_mock_ar(
