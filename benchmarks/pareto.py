@@ -3,6 +3,7 @@
     python benchmarks/pareto.py              # rewrites docs/performance.md and docs/pareto.png
     python benchmarks/pareto.py --no-write   # the same, prints only
     python benchmarks/pareto.py --smoke      # a few prompts, two γ; prints only, plot to tmp (CI)
+    python benchmarks/pareto.py --workload long --n-per-family 16   # long answers, own section
 
 One ``LLM`` engine on the embedded checkpoint (``benchmarks/throughput.py``'s ``make_engine``:
 ``EMBEDDED_ENGINE_ARGS``, float32, the dtype in which the engine is token-exact with the
@@ -32,9 +33,9 @@ from typing import Any
 from docsections import machine_name, replace_section
 from quality import RETENTION_TARGET, THRESHOLDS
 from throughput import HEADER, Measurement, make_engine, test_prompts, timed_generate
+from workloads import add_workload_arguments, resolve_workload, section
 
-from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
-from vllm_twotower.data import FAMILY_NAMES, accuracy_by_family, generate_split, load_tokenizer
+from vllm_twotower.data import Workload, accuracy_by_family, generate_split, load_tokenizer
 from vllm_twotower.params import AR, MASK_DIFFUSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,21 +84,21 @@ def sweep(checkpoint: Path, points: list[Point], prompts: list[list[int]], max_t
                 point.texts.append(tokenizer.decode(ids, skip_special_tokens=False))
 
 
-def table(points: list[Point]) -> str:
+def table(points: list[Point], families: tuple[str, ...]) -> str:
     """Throughput columns as ``benchmarks/throughput.py`` prints them, then accuracy."""
     ar = points[0]
-    head = ["configuration", *HEADER[1:], "accuracy %", "% of AR accuracy", *FAMILY_NAMES]
+    head = ["configuration", *HEADER[1:], "accuracy %", "% of AR accuracy", *families]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         mean = p.accuracy["all"]
         cells = [*p.measurement.cells(ar.measurement), f"**{100 * mean:.1f}**"]
         cells.append(f"{100 * mean / ar.accuracy['all']:.1f}" if ar.accuracy["all"] else "–")
-        cells += [f"{100 * p.accuracy.get(f, 0.0):.0f}" for f in FAMILY_NAMES]
+        cells += [f"{100 * p.accuracy.get(f, 0.0):.0f}" for f in families]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(points: list[Point], path: Path) -> None:
+def plot(points: list[Point], path: Path, title: str) -> None:
     """Mean accuracy against output tokens/s relative to AR, one labelled point per γ."""
     import matplotlib
 
@@ -118,7 +119,7 @@ def plot(points: list[Point], path: Path) -> None:
     ax.set(
         xlabel="output tokens/s relative to AR (same engine, same waves)",
         ylabel="exact-match accuracy, all test prompts (%)",
-        title="twotower-tasks through vLLM: accuracy vs throughput over γ",
+        title=title,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -129,45 +130,52 @@ def plot(points: list[Point], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    add_workload_arguments(parser)
     parser.add_argument("--n-per-family", type=int, default=100)
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="tiny run, print only (CI)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
+    workload = resolve_workload(args)
     if args.smoke:
         args.n_per_family, args.thresholds, args.batch_size = 1, [0.5, 0.9], 4
-    count = args.n_per_family * len(FAMILY_NAMES)
-    examples = generate_split("test", count, seed=0)
+    count = args.n_per_family * len(workload.families)
+    examples = generate_split("test", count, seed=0, families=workload.families)
     points = configurations(args.thresholds, args.batch_size)
-    sweep(args.checkpoint, points, test_prompts(count, args.checkpoint), args.max_tokens)
+    prompts = test_prompts(count, args.checkpoint, workload)
+    sweep(args.checkpoint, points, prompts, args.max_tokens)
     for p in points:
         p.accuracy = accuracy_by_family(examples, p.texts)
 
     write = not (args.smoke or args.no_write)
     out_dir = ROOT / "docs" if write else Path(tempfile.mkdtemp(prefix="twotower-pareto-"))
-    plot(points, out_dir / "pareto.png")
+    name = section("pareto", workload)
+    title = f"{args.checkpoint.name} through vLLM: accuracy vs throughput over γ"
+    plot(points, out_dir / f"{name}.png", title)
     text = "\n".join(
         [
-            table(points),
+            table(points, workload.families),
             "",
             f"Measured on: {machine_name()}; "
             f"one `LLM` engine (float32), {count} test-split prompts ({args.n_per_family} "
             f"per family, seed 0), greedy, `max_tokens` {args.max_tokens}, waves of "
             f"{args.batch_size}, S = T = 16 from `generation_config.json`.  Command: "
-            f"`.venv/bin/python benchmarks/pareto.py --n-per-family {args.n_per_family} "
-            f"--batch-size {args.batch_size}`.",
+            f"`.venv/bin/python benchmarks/pareto.py{_workload_flag(workload)} "
+            f"--n-per-family {args.n_per_family} --batch-size {args.batch_size}`.",
             "",
-            "![accuracy against throughput over γ](pareto.png)",
+            f"![accuracy against throughput over γ]({name}.png)",
         ]
     )
     print(text)
-    print(f"plot: {out_dir / 'pareto.png'}")
+    print(f"plot: {out_dir / f'{name}.png'}")
     if write:
-        replace_section("pareto", text)
+        replace_section(name, text)
         print("wrote docs/performance.md")
+
+
+def _workload_flag(workload: Workload) -> str:
+    return "" if workload.name == "short" else f" --workload {workload.name}"
 
 
 if __name__ == "__main__":  # vLLM on CPU spawns its engine processes

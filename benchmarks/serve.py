@@ -60,15 +60,14 @@ from pathlib import Path
 from typing import Any
 
 from docsections import machine_name, replace_section
+from workloads import add_workload_arguments, resolve_workload, section
 
-from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS, WORKLOAD_CHECKPOINTS
-from vllm_twotower.data import WORKLOADS, Workload, generate_split
+from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS
+from vllm_twotower.data import Workload, generate_split
 from vllm_twotower.params import AR, AUTO, MASK_DIFFUSION, MODES, SPECULATIVE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODES = (MASK_DIFFUSION, AR, SPECULATIVE, AUTO)
-#: The marked section of ``docs/performance.md`` each workload writes.
-SECTIONS = {"short": "serve", "long": "serve-long"}
 
 
 def server_flags() -> list[str]:
@@ -302,19 +301,13 @@ def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=list(WORKLOADS), default="short")
-    parser.add_argument(
-        "--checkpoint", type=Path, default=None, help="default: the workload's embedded one"
-    )
+    add_workload_arguments(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES), help="ar is required"
     )
     parser.add_argument(
         "--num-prompts", type=int, default=None, help="requests per run (default 256; long: 64)"
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=None, help="default: the workload's (32 / 208)"
     )
     parser.add_argument("--warmups", type=int, default=2, help="bench warm-up requests per run")
     parser.add_argument(
@@ -327,15 +320,13 @@ def main() -> None:
         parser.error("--modes must include ar: every other mode is reported as a ratio to it")
     if list(args.modes) != list(DEFAULT_MODES) and not (args.smoke or args.no_write):
         parser.error("the docs table holds the default modes; add --no-write to other --modes")
-    workload = WORKLOADS[args.workload]
-    args.checkpoint = args.checkpoint or WORKLOAD_CHECKPOINTS[workload.name]
-    args.max_tokens = args.max_tokens or workload.max_new_tokens
+    workload = resolve_workload(args)
     args.num_prompts = args.num_prompts or (256 if workload.name == "short" else 64)
     if args.smoke:
         args.concurrency, args.num_prompts, args.max_tokens, args.warmups = [1, 2], 4, 16, 1
     if args.result_dir is None:
         smoke_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-")) if args.smoke else None
-        args.result_dir = smoke_dir or ROOT / "runs" / SECTIONS[workload.name]
+        args.result_dir = smoke_dir or ROOT / "runs" / section("serve", workload)
     args.result_dir.mkdir(parents=True, exist_ok=True)
     dataset, log = args.result_dir / "prompts.json", args.result_dir / "bench.log"
     log.write_text("")
@@ -382,7 +373,7 @@ def main() -> None:
     print(text)
     print(f"bench JSON and logs: {args.result_dir}")
     if not (args.smoke or args.no_write):
-        replace_section(SECTIONS[workload.name], text)
+        replace_section(section("serve", workload), text)
         print("wrote docs/performance.md")
 
 

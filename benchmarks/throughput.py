@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 from docsections import PERFORMANCE, machine_name, replace_section
+from workloads import add_workload_arguments, resolve_workload, section
 
-from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS, WORKLOAD_CHECKPOINTS
+from vllm_twotower.checkpoints import EMBEDDED_ENGINE_ARGS
 from vllm_twotower.data import (
     SHORT_WORKLOAD,
-    WORKLOADS,
     Workload,
     generate_split,
     is_correct,
@@ -133,11 +133,6 @@ HEADER = [
     "accepted/draft",
     "tokens/verification",
 ]
-
-
-#: The marked section of ``docs/performance.md`` each workload writes (side by side, never over
-#: each other's).
-SECTIONS = {"short": "throughput", "long": "throughput-long"}
 
 
 #: Whether the output ids of prompt ``i`` solve its task (``grader(i, output_ids)``).
@@ -338,15 +333,9 @@ def plot(rows: list[Measurement], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=list(WORKLOADS), default="short")
-    parser.add_argument(
-        "--checkpoint", type=Path, default=None, help="default: the workload's embedded one"
-    )
+    add_workload_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--num-prompts", type=int, default=32, help="distinct prompts cycled")
-    parser.add_argument(
-        "--max-tokens", type=int, default=None, help="default: the workload's (32 / 208)"
-    )
     parser.add_argument("--threads", type=int, default=1, help="reference's torch threads")
     parser.add_argument("--device", default="cpu", help="the reference's device")
     parser.add_argument("--reference-only", action="store_true", help="skip the vLLM engine")
@@ -355,9 +344,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    workload = WORKLOADS[args.workload]
-    args.checkpoint = args.checkpoint or WORKLOAD_CHECKPOINTS[workload.name]
-    args.max_tokens = args.max_tokens or workload.max_new_tokens
+    workload = resolve_workload(args)
     if args.smoke:
         args.batch_sizes, args.num_prompts, args.max_tokens = [1, 2], 2, 8
 
@@ -383,7 +370,7 @@ def main() -> None:
     )
     print(text)
     if not (args.smoke or args.no_write or args.reference_only):
-        replace_section(SECTIONS[workload.name], text)
+        replace_section(section("throughput", workload), text)
         figure = PERFORMANCE.parent / f"throughput_{workload.name}.png"
         plot(rows, figure, f"{args.checkpoint.name}: output tokens/s by mode ({workload.name})")
         print(f"wrote {PERFORMANCE} and {figure}")
