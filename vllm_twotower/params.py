@@ -21,7 +21,8 @@ from vllm_twotower.config import DiffusionDefaults
 
 MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE = "mask_diffusion", "mock_ar", "ar", "speculative"
 #: Load-aware decoding (issue #24): each engine step, a diffusion block or an AR token,
-#: whichever the engine's cost model says commits more tokens per second for the batch.
+#: whichever the engine's cost model says commits more tokens per second for the batch; a block
+#: only on the request's block grid, where ``mask_diffusion``'s blocks start.
 AUTO = "auto"
 MODES = (MASK_DIFFUSION, MOCK_AR, AR, SPECULATIVE, AUTO)
 #: What one engine step did for a request, as its schedule records it (``twotower_stats``)

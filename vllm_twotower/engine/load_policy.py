@@ -8,6 +8,8 @@ is bound by the positions it computes (heavy load), one position per token wins.
 engine knows where it stands, so each step it decides, for each ``auto`` request (a diffusion
 block or an AR token) and each ``speculative`` one (a draft, or just the AR token ``c``: the
 output is ``ar``'s either way), whichever maximises the batch's committed tokens per second.
+An ``auto`` request is a candidate for a block only on its block grid
+(:meth:`~vllm_twotower.engine.step_planner.StepPlanner.plan`); off it, it takes AR tokens.
 
 **Cost model** (:class:`StepCostModel`).  The time of an engine step is modelled as
 ``a + b_c·C + e·P + b_d·D``: a fixed cost ``a`` (the worker's, plus the moving average of the
