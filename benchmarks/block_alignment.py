@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from docsections import replace_section
+from docsections import replace_section, table_text
 
 from vllm_twotower.checkpoints import WORKLOAD_CHECKPOINTS
 from vllm_twotower.data import WORKLOADS, generate_split, is_correct, load_tokenizer
@@ -85,24 +85,23 @@ def main() -> None:
     _off_grid_allowed()
     if args.smoke:
         args.n_per_family, args.offsets, args.workloads = 1, [0, 3], ["short"]
-    header = [
-        "| workload | AR tokens before the blocks (k) | blocks on the grid | exact match "
-        "| passes/block | block tokens/pass |",
-        "|---|---|---|---|---|---|",
-    ]
     rows = [row for w in args.workloads for row in measure(w, args.n_per_family, args.offsets)]
     if args.smoke:
         return
-    text = "\n".join(
-        [
-            f"`.venv/bin/python benchmarks/block_alignment.py` (reference, test split, "
-            f"{args.n_per_family} prompts per family, greedy, the server's default γ; schedule "
-            "`a × k` then blocks).",
-            "",
-            *header,
-            *rows,
-        ]
+    caption = (
+        f"`.venv/bin/python benchmarks/block_alignment.py` (reference, test split, "
+        f"{args.n_per_family} prompts per family, greedy, the server's default γ; schedule "
+        "`a × k` then blocks)."
     )
+    header = [
+        "workload",
+        "AR tokens before the blocks (k)",
+        "blocks on the grid",
+        "exact match",
+        "passes/block",
+        "block tokens/pass",
+    ]
+    text = table_text(caption, header, rows)
     replace_section("block-alignment", text, QUALITY)
     print(f"wrote {QUALITY}")
 

@@ -24,6 +24,13 @@ def replace_section(name: str, text: str, page: Path = PERFORMANCE) -> None:
     page.write_text(doc[:start] + "\n" + text + "\n" + doc[stop:])
 
 
+def table_text(caption: str, header: list[str], rows: list[str]) -> str:
+    """A section's text: ``caption``, then a markdown table of ``header`` and ``rows`` (each
+    row already a ``| … |`` line)."""
+    head = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([caption, "", *head, *rows])
+
+
 def machine_name(device: torch.device | str = "cpu", threads: int | None = None) -> str:
     """Where a table was measured: the GPU, or the CPU with its core count (and ``threads``
     torch threads where the caller's timing depends on them); torch's version."""

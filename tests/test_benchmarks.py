@@ -23,6 +23,7 @@ SMOKE_RUNS = {
     "serve": ["benchmarks/serve.py", "--smoke", "--modes", "mask_diffusion", "ar", "speculative"],
     "pareto": ["benchmarks/pareto.py", "--smoke", "--no-write"],  # plot to a temporary folder
     "pareto_long": ["benchmarks/pareto.py", "--smoke", "--no-write", "--workload", "long"],
+    "teacher_forced_blocks": ["benchmarks/teacher_forced_blocks.py", "--smoke"],  # prints only
     "throughput": ["benchmarks/throughput.py", "--smoke"],  # prints only
     "throughput_long": ["benchmarks/throughput.py", "--smoke", "--workload", "long"],
     "pass_cost": ["benchmarks/pass_cost.py", "--smoke"],  # tiny sizes on the CPU
