@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from docsections import replace_section, table_text
+from docsections import QUALITY, replace_section, table_text
 
 from vllm_twotower.checkpoints import WORKLOAD_CHECKPOINTS
 from vllm_twotower.data import WORKLOADS, generate_split, is_correct, load_tokenizer
 from vllm_twotower.params import AUTO, resolve_params
 from vllm_twotower.reference import SamplingSpec, TwoTowerModel, generate
 
-QUALITY = Path(__file__).resolve().parent.parent / "docs" / "quality.md"
 OFFSETS = (0, 1, 3, 8, 13, 16)
 
 

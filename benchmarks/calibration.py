@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from docsections import replace_section
+from docsections import QUALITY, replace_section
 from tokenizers import Tokenizer
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT
@@ -35,7 +35,6 @@ from vllm_twotower.reference import TwoTowerModel
 from vllm_twotower.train.batching import encode_all
 from vllm_twotower.train.objectives import context_state, denoiser_logits
 
-QUALITY = Path(__file__).resolve().parent.parent / "docs" / "quality.md"
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 #: Upper edges of the reliability table's confidence bins (the first starts at 0).
 BIN_EDGES = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-PERFORMANCE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PERFORMANCE, QUALITY = DOCS / "performance.md", DOCS / "quality.md"
 
 
 def replace_section(name: str, text: str, page: Path = PERFORMANCE) -> None:

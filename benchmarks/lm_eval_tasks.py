@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from docsections import replace_section  # noqa: E402
+from docsections import QUALITY, replace_section  # noqa: E402
 from serve import free_port, server, server_flags  # noqa: E402
 
 from vllm_twotower.checkpoints import DEFAULT_CHECKPOINT  # noqa: E402
@@ -222,7 +222,7 @@ def main() -> None:
     section = markdown(got, expected, args.n_per_family)
     print(section)
     if not args.smoke:
-        replace_section("lm-eval", section, ROOT / "docs" / "quality.md")
+        replace_section("lm-eval", section, QUALITY)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-from block_alignment import QUALITY
-from docsections import replace_section, table_text
+from docsections import QUALITY, replace_section, table_text
 
 from vllm_twotower.checkpoints import WORKLOAD_CHECKPOINTS
 from vllm_twotower.data import WORKLOADS, generate_split, load_tokenizer
