@@ -82,7 +82,14 @@ def test_auto_switches_and_matches_the_reference_replay(llm, tiny_checkpoint: Pa
     # Prefill chunks in the step: a block; twelve requests decoding: AR tokens; as the batch
     # drains, blocks again, each on its block grid.
     assert all(s.startswith("d") for s in auto_schedules), auto_schedules
-    assert sum("a" in s for s in auto_schedules) >= len(auto) - 1, auto_schedules
+    # Every request of full blocks takes AR steps; the one of 8-token blocks (cheaper per
+    # token under COST) keeps its blocks throughout.
+    full = [
+        s
+        for case, s in zip(auto, auto_schedules, strict=True)
+        if "block_size" not in case.extra_args
+    ]
+    assert all("a" in s for s in full), auto_schedules
     assert any("ad" in s for s in auto_schedules), auto_schedules
     for case, schedule in zip(auto, auto_schedules, strict=True):
         assert blocks_start_on_the_grid(schedule, case.extra_args.get("block_size", 16))
