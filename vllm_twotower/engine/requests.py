@@ -311,17 +311,26 @@ class RequestTable:
             bad_words=self.bad_words[slots],
         )
 
-    def record_steps(self, slots: torch.Tensor, steps: list[str]) -> None:
-        """Append what this engine step did for ``slots`` to their schedules."""
+    def record_steps(self, slots: torch.Tensor, multi: torch.Tensor, auto: torch.Tensor) -> None:
+        """Append what this engine step did for ``slots`` (auto and speculative rows) to their
+        schedules: a block (``multi`` and ``auto``), a draft (``multi``, not ``auto``) or an
+        AR token (not ``multi``, also counted in ``ar_steps``).  One tensor op per step, not
+        one per row: it runs every step for every such row."""
         if not slots.numel():
             return
         needed = int(self.schedule_len[slots].max()) + 1
         if needed > self.schedule.shape[1]:
             width = max(needed, 2 * self.schedule.shape[1], 64)
             self.schedule = self._resized(self.schedule, self.capacity, width, -1)
-        codes = torch.tensor([_STEP_CODES.index(s) for s in steps], dtype=torch.int64)
+        code = {step: _STEP_CODES.index(step) for step in _STEP_CODES}
+        codes = torch.where(
+            multi,
+            torch.where(auto, code[DIFFUSION_STEP], code[DRAFT_STEP]),
+            code[AR_STEP],
+        )
         self.schedule[slots, self.schedule_len[slots]] = codes
         self.schedule_len[slots] += 1
+        self.ar_steps[slots[~multi]] += 1
 
     def _stats_of(self, slot: int) -> RequestStats:
         codes = self.schedule[slot, : int(self.schedule_len[slot])].tolist()

@@ -40,7 +40,6 @@ from vllm_twotower.engine.context_reader import ContextReader
 from vllm_twotower.engine.logprobs import StepLogprobs
 from vllm_twotower.engine.requests import MODE_ID, RequestTable
 from vllm_twotower.engine.step_planner import StepPlanner
-from vllm_twotower.params import AR_STEP, DIFFUSION_STEP, DRAFT_STEP
 from vllm_twotower.vllm_internals import without_mamba_prefill_checkpoints
 
 # Under the "vllm" logger, so the lines show in vLLM processes with vLLM's log configuration.
@@ -146,7 +145,8 @@ class TwoTowerRunnerMixin:
         diffusing = live & ((mode == MASK_DIFFUSION) | ((mode == AUTO) & multi))
         speculating = live & (mode == SPECULATIVE) & multi
         one_ar_token = (live & (mode == AR)) | (adaptive & ~multi)
-        self._tt_record_schedule(slots, mode, adaptive, multi)
+        # Each auto / speculative row's schedule, which the reference replays.
+        table.record_steps(slots[adaptive], multi[adaptive], mode[adaptive] == AUTO)
         # A block per diffusion row; c, up to block_size - 1 guesses and one AR token per
         # speculative row.
         width = int(
@@ -196,20 +196,6 @@ class TwoTowerRunnerMixin:
         logprobs = self._tt_logprobs.tensors() if self._tt_logprobs is not None else None
         self.tt_planner.end_step(vi.batch_request_ids(self))
         return vi.sampler_output(out, logprobs)
-
-    def _tt_record_schedule(
-        self, slots: torch.Tensor, mode: torch.Tensor, adaptive: torch.Tensor, multi: torch.Tensor
-    ) -> None:
-        """Keep what this step does for each auto and speculative row (its schedule, which
-        the reference replays, and its AR-step count)."""
-        table = self.tt_requests
-        rows = torch.nonzero(adaptive).flatten()
-        steps = [
-            AR_STEP if not multi[r] else DIFFUSION_STEP if mode[r] == AUTO else DRAFT_STEP
-            for r in rows.tolist()
-        ]
-        table.record_steps(slots[rows], steps)
-        table.ar_steps[slots[adaptive & ~multi]] += 1
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
         """Before the context pass, keep the Mamba states of mock-AR rows (``_sample_mock_ar``)."""
