@@ -7,6 +7,9 @@ import itertools
 import pytest
 import torch
 
+from vllm import SamplingParams
+
+from vllm_twotower import vllm_internals as vi
 from vllm_twotower.config import DiffusionDefaults
 from vllm_twotower.engine.load_policy import (
     PRIOR,
@@ -18,6 +21,7 @@ from vllm_twotower.engine.load_policy import (
     choose_multi_token,
 )
 from vllm_twotower.engine.params import ServerDefaults
+from vllm_twotower.engine.requests import RequestTable
 from vllm_twotower.engine.step_planner import PRIOR_PASSES, StepPlanner
 
 TRUE = (0.02, 0.0005, 0.003, 0.0002)
@@ -170,3 +174,36 @@ def test_fresh_requests_take_the_engines_passes_per_block() -> None:
         planner.observe_yields(torch.zeros(0, 16), torch.zeros(0), [], [])
     assert planner.block_passes.value == pytest.approx(1.0, abs=0.01)
     assert planner.draft_passes.value == 1.0  # the prior: no draft seen
+
+
+def _plan_on_the_grid(
+    own_passes: list[int], engine_passes: float, cost: tuple[float, ...]
+) -> list[bool]:
+    """The plan for ``auto`` rows on their block grid (two blocks into their answers) whose
+    blocks took ``own_passes`` each, in an engine whose recent blocks took ``engine_passes``."""
+    defaults = ServerDefaults(DiffusionDefaults(), 16, cost_model=cost)
+    table, planner = RequestTable(defaults), StepPlanner(defaults, eos_token_ids=[2])
+    for _ in range(1000):  # the engine's recent blocks
+        planner.observe_passes(torch.tensor([engine_passes]), drafts=False)
+        planner.observe_yields(torch.zeros(0, 16), torch.zeros(0), [], [])
+    n = len(own_passes)
+    params = SamplingParams(max_tokens=200, extra_args={"mode": "auto"})
+    slots = table.slots([f"r{i}" for i in range(n)], [params] * n)
+    table.blocks[slots] = 2
+    table.nfe[slots] = 2 * torch.tensor(own_passes)
+    live = torch.ones(n, dtype=torch.bool)
+    return planner.plan(table, slots, live, torch.full((n,), 32), torch.ones(n)).tolist()
+
+
+def test_a_slow_row_is_not_left_behind_by_its_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the grid, AR is a commitment to a block's worth of AR steps: a row whose blocks need
+    more passes than the engine's are valued at the engine's, so it takes blocks with its
+    batch instead of trailing it (valued at its own 13 passes, it went AR here, and on the long
+    workload at batch 8 such rows made ``auto`` 0.84× AR where ``mask_diffusion`` ran 1.12×);
+    a row that needs fewer passes is valued at its own, and takes a block where the others
+    are too costly."""
+    monkeypatch.setattr(vi, "broadcast_from_first_tp_rank", lambda obj: obj)
+    light = (0.02, 0.0001, 0.001, 0.00005)
+    assert _plan_on_the_grid([2] * 4 + [13] * 4, 5.0, light) == [True] * 8
+    heavy = (0.01, 0.0001, 0.003, 0.0001)
+    assert _plan_on_the_grid([1] * 8 + [5] * 40, 5.0, heavy) == [True] * 8 + [False] * 40

@@ -33,9 +33,10 @@ is a prefix of the candidates ordered by extra tokens per extra second (Dinkelba
 argument); the per-pass cost is shared by all the rows that denoise, so the ratio is not
 unimodal along that order (one block alone may not pay its passes where thirty do), and every
 prefix is evaluated (``O(n)`` with running sums), the best taken.  A request's ``p`` is its
-own running passes per block (per draft) if it has run one, else the engine's recent average
-(:class:`RunningAverage`); its ``k`` is bounded by what recent blocks (drafts) emitted up to
-EOS.
+own running passes per draft (per block, but never more than the engine's recent average:
+:meth:`~vllm_twotower.engine.step_planner.StepPlanner.plan` says why) if it has run one, else
+the engine's recent average (:class:`RunningAverage`); its ``k`` is bounded by what recent
+blocks (drafts) emitted up to EOS.
 """
 
 from __future__ import annotations

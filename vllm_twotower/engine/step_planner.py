@@ -171,10 +171,16 @@ class StepPlanner:
         fixed_tokens = float(one_token.sum() + block_tokens[blocks_now].sum())
         # auto rows denoise a block; speculative ones draft, and the context tower verifies
         # the draft before consuming what it emits.
+        # An auto row's block is valued at its own passes per block only where they are
+        # fewer than the engine's recent average: on the grid, taking AR commits a row to a
+        # block's worth of AR steps, so a row valued at its own (many) passes went AR while
+        # its batch ran blocks, and then trailed the batch (engine-design §14); a row ahead
+        # of its batch costs nothing later.
         is_auto = auto[rows]
+        block_passes = passes.clamp(max=self.block_passes.value)
         candidates = Candidates(
             tokens=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
-            passes=torch.where(is_auto, passes[rows], draft_passes[rows] + 1),  # + verification
+            passes=torch.where(is_auto, block_passes[rows], draft_passes[rows] + 1),
             width=block[rows],
             context=torch.where(is_auto, block_tokens[rows], draft_tokens[rows]),
         )
